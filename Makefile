@@ -1,0 +1,41 @@
+# task_events: built with PGXS against the server headers of $(PG_CONFIG).
+#
+#   make && sudo make install      build and install the extension
+#   scripts/test.sh                every test suite (see README.md)
+
+EXTENSION = task_events
+MODULE_big = task_events
+OBJS = \
+	src/task_events.o \
+	src/uuid_v7.o \
+	src/spi_util.o \
+	src/validate.o \
+	src/domain_events.o \
+	src/task_domain.o \
+	src/event_log.o \
+	src/event_publish.o \
+	src/append_only.o
+
+DATA = task_events--1.0.sql
+
+PG_CPPFLAGS = -I$(srcdir)/src/include
+# Warning-free under -Wall -Wextra; the two -Wno- flags silence warnings that
+# PostgreSQL's own headers and function-manager macros trigger.
+PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
+SHLIB_LINK = -luuid
+
+# pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
+REGRESS = create_task update_status errors append_only history
+REGRESS_OPTS = --temp-instance=tmp_check --temp-config=$(srcdir)/test/regress.conf \
+	--encoding=UTF8 --no-locale
+
+# Isolation specs: test/isolation/specs/*.spec against test/isolation/expected/*.out.
+ISOLATION = concurrent_transitions
+ISOLATION_OPTS = --inputdir=$(srcdir)/test/isolation --temp-instance=tmp_check_iso \
+	--temp-config=$(srcdir)/test/regress.conf --encoding=UTF8 --no-locale
+
+EXTRA_CLEAN = tmp_check tmp_check_iso results output_iso regression.diffs regression.out
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

@@ -1,0 +1,46 @@
+/*
+ * spi_util.c
+ *		Prepared SPI plans kept for the life of the backend.
+ *
+ * The write path runs the same few statements on every call; planning them
+ * once and keeping the plans (SPI_keepplan) saves the parse, analysis and
+ * planning of each call.  The plan cache replans by itself when a table the
+ * plan uses is altered, dropped or re-created.
+ */
+#include "postgres.h"
+
+#include "spi_util.h"
+
+/*
+ * Prepare sql into *plan and keep it, unless *plan is already set.  Assumes
+ * SPI is connected.
+ */
+void
+te_prepare_kept(SPIPlanPtr *plan, const char *sql, int nargs, const Oid *argtypes)
+{
+	SPIPlanPtr	prepared;
+
+	if (*plan != NULL)
+		return;
+	prepared = SPI_prepare(sql, nargs, (Oid *) argtypes);
+	if (prepared == NULL)
+		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+			 sql, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(prepared) != 0)
+		elog(ERROR, "SPI_keepplan failed for \"%s\"", sql);
+	*plan = prepared;
+}
+
+/*
+ * Execute a kept plan as a read-write statement and check that SPI answered
+ * expected_ret (SPI_OK_SELECT, SPI_OK_INSERT_RETURNING, ...).
+ */
+void
+te_execute_kept(SPIPlanPtr plan, Datum *values, const char *nulls, int expected_ret)
+{
+	int			ret = SPI_execute_plan(plan, values, nulls, false, 0);
+
+	if (ret != expected_ret)
+		elog(ERROR, "SPI_execute_plan returned %s, expected %s",
+			 SPI_result_code_string(ret), SPI_result_code_string(expected_ret));
+}
