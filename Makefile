@@ -25,7 +25,7 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 SHLIB_LINK = -luuid
 
 # pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
-REGRESS = create_task update_status errors append_only history
+REGRESS = setup create_task update_status errors append_only history
 REGRESS_OPTS = --temp-instance=tmp_check --temp-config=$(srcdir)/test/regress.conf \
 	--encoding=UTF8 --no-locale
 
