@@ -14,7 +14,15 @@ OBJS = \
 	src/task_domain.o \
 	src/event_log.o \
 	src/event_publish.o \
-	src/append_only.o
+	src/append_only.o \
+	src/wakeup.o \
+	src/commit_horizon.o \
+	src/dispatch.o \
+	src/handler_admin.o \
+	src/handler_audit.o \
+	src/handler_notification.o \
+	src/handler_analytics.o \
+	src/worker.o
 
 DATA = task_events--1.0.sql
 

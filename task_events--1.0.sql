@@ -75,5 +75,194 @@ CREATE FUNCTION task_events.task_history(task_id uuid)
 	AS 'MODULE_PATHNAME', 'task_history'
 	LANGUAGE C STABLE;
 
+/* Readers find the events of recent transactions by xact_id (commit_horizon.c). */
+CREATE INDEX events_xact_id_idx ON task_events.events (xact_id);
+/* event_rates scans the last minute; BRIN costs writers next to nothing. */
+CREATE INDEX events_occurred_at_idx ON task_events.events USING brin (occurred_at);
+
+/*
+ * Handlers: each is a function taking task_events.events[] (a batch, in seq
+ * order), run by the background workers or by process_pending().
+ */
+CREATE TABLE task_events.handlers (
+	handler text PRIMARY KEY CHECK (handler ~ '^[a-z][a-z0-9_]*$'),
+	function regprocedure NOT NULL,
+	enabled boolean NOT NULL DEFAULT true,
+	description text
+);
+
+/*
+ * Where each handler is in the log.  Events visible in window_start are
+ * handled; when window_end is set, so are the events visible in window_end
+ * (and not in window_start) up to seq window_seq.  Kept up to date by the
+ * dispatcher (dispatch.c) in the same transaction as the handler's writes.
+ */
+CREATE TABLE task_events.handler_state (
+	handler text PRIMARY KEY REFERENCES task_events.handlers ON DELETE CASCADE,
+	window_start pg_snapshot NOT NULL DEFAULT '1:1:',
+	window_end pg_snapshot,
+	window_seq bigint NOT NULL DEFAULT 0,
+	last_seq bigint NOT NULL DEFAULT 0,
+	failing_seq bigint,
+	attempts int NOT NULL DEFAULT 0,
+	retry_at timestamptz,
+	last_error text,
+	last_sqlstate text,
+	last_error_at timestamptz,
+	processed bigint NOT NULL DEFAULT 0,
+	failed bigint NOT NULL DEFAULT 0,
+	batches bigint NOT NULL DEFAULT 0,
+	batch_ms_total float8 NOT NULL DEFAULT 0,
+	batch_ms_max float8 NOT NULL DEFAULT 0,
+	updated_at timestamptz
+);
+
+/* Events a handler gave up on after task_events.max_attempts attempts. */
+CREATE TABLE task_events.dead_letters (
+	handler text NOT NULL REFERENCES task_events.handlers ON DELETE CASCADE,
+	seq bigint NOT NULL,
+	event_id uuid NOT NULL,
+	attempts int NOT NULL,
+	sqlstate text NOT NULL,
+	message text NOT NULL,
+	failed_at timestamptz NOT NULL,
+	retry_requested boolean NOT NULL DEFAULT false,
+	PRIMARY KEY (handler, seq)
+);
+
+/* What the built-in handlers write. */
+CREATE SEQUENCE task_events.notifications_notification_id_seq AS bigint;
+CREATE TABLE task_events.notifications (
+	notification_id bigint PRIMARY KEY
+		DEFAULT nextval('task_events.notifications_notification_id_seq'),
+	event_id uuid UNIQUE NOT NULL,
+	user_id text NOT NULL,
+	message text NOT NULL,
+	created_at timestamptz NOT NULL
+);
+ALTER SEQUENCE task_events.notifications_notification_id_seq
+	OWNED BY task_events.notifications.notification_id;
+
+CREATE TABLE task_events.analytics_counters (
+	metric text,
+	user_id text,
+	value bigint NOT NULL,
+	PRIMARY KEY (metric, user_id)
+);
+
+CREATE TABLE task_events.completion_stats (
+	user_id text PRIMARY KEY,
+	completed bigint,
+	total_seconds float8,
+	min_seconds float8,
+	max_seconds float8
+);
+
+CREATE TABLE task_events.audit_log (
+	event_id uuid PRIMARY KEY,
+	seq bigint,
+	event_type text,
+	event_data jsonb,
+	occurred_at timestamptz,
+	recorded_at timestamptz
+);
+CREATE TRIGGER audit_log_append_only
+	BEFORE UPDATE OR DELETE OR TRUNCATE ON task_events.audit_log
+	FOR EACH STATEMENT EXECUTE FUNCTION task_events.refuse_modification();
+ALTER TABLE task_events.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
+
+SELECT pg_catalog.pg_extension_config_dump('task_events.handler_state', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.notifications', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.notifications_notification_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.analytics_counters', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.completion_stats', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.audit_log', '');
+
+CREATE FUNCTION task_events.notification_handler(events task_events.events[])
+	RETURNS void
+	AS 'MODULE_PATHNAME', 'notification_handler'
+	LANGUAGE C;
+
+CREATE FUNCTION task_events.analytics_handler(events task_events.events[])
+	RETURNS void
+	AS 'MODULE_PATHNAME', 'analytics_handler'
+	LANGUAGE C;
+
+CREATE FUNCTION task_events.audit_handler(events task_events.events[])
+	RETURNS void
+	AS 'MODULE_PATHNAME', 'audit_handler'
+	LANGUAGE C;
+
+INSERT INTO task_events.handlers (handler, function, description) VALUES
+	('analytics', 'task_events.analytics_handler(task_events.events[])',
+	 'Counts tasks created and completed per user, and completion times'),
+	('audit', 'task_events.audit_handler(task_events.events[])',
+	 'Records every event in task_events.audit_log'),
+	('notification', 'task_events.notification_handler(task_events.events[])',
+	 'Writes a message to the owner when a task is created or completed');
+
+CREATE FUNCTION task_events.process_pending(handler text DEFAULT NULL, max_events int DEFAULT 1000)
+	RETURNS bigint
+	AS 'MODULE_PATHNAME', 'process_pending'
+	LANGUAGE C VOLATILE;
+
+CREATE FUNCTION task_events.retry_dead_letters(handler text DEFAULT NULL)
+	RETURNS bigint
+	AS 'MODULE_PATHNAME', 'retry_dead_letters'
+	LANGUAGE C VOLATILE;
+
+/* How many events a handler has not handled yet, and the oldest one's time. */
+CREATE FUNCTION task_events.handler_backlog(handler text,
+	OUT events_behind bigint, OUT oldest_unhandled timestamptz)
+	AS $$
+	SELECT pg_catalog.count(*), pg_catalog.min(e.occurred_at)
+	FROM (SELECT COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot) AS ws,
+				 s.window_end AS we, COALESCE(s.window_seq, 0) AS wseq
+		  FROM (SELECT $1 AS handler) AS h
+		  LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler) AS p
+	JOIN task_events.events e
+	  ON e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(p.ws)
+	 AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, p.ws)
+	WHERE NOT (p.we IS NOT NULL
+			   AND pg_catalog.pg_visible_in_snapshot(e.xact_id, p.we)
+			   AND e.seq OPERATOR(pg_catalog.<=) p.wseq)
+	$$ LANGUAGE sql STABLE;
+
+CREATE VIEW task_events.handler_status AS
+SELECT h.handler,
+	   h.enabled,
+	   COALESCE(s.last_seq, 0) AS position,
+	   b.events_behind,
+	   COALESCE(pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) b.oldest_unhandled), 0)
+		   AS seconds_behind,
+	   COALESCE(s.processed, 0) AS processed,
+	   COALESCE(s.failed, 0) AS failed,
+	   (SELECT pg_catalog.count(*) FROM task_events.dead_letters d
+		WHERE d.handler OPERATOR(pg_catalog.=) h.handler) AS dead_letters,
+	   s.last_error,
+	   s.last_sqlstate,
+	   s.last_error_at,
+	   s.attempts AS retry_attempts,
+	   s.retry_at,
+	   COALESCE(s.batches, 0) AS batches,
+	   CASE WHEN s.batches OPERATOR(pg_catalog.>) 0
+			THEN s.batch_ms_total OPERATOR(pg_catalog./) s.batches END AS mean_batch_ms,
+	   s.batch_ms_max AS max_batch_ms,
+	   s.updated_at AS last_batch_at
+FROM task_events.handlers h
+LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler
+CROSS JOIN LATERAL task_events.handler_backlog(h.handler) b;
+
+/* Events published per type over the last minute. */
+CREATE VIEW task_events.event_rates AS
+SELECT e.event_type,
+	   pg_catalog.count(*) AS last_minute,
+	   pg_catalog.round(pg_catalog.count(*) OPERATOR(pg_catalog./) 60.0, 2) AS per_second
+FROM task_events.events e
+WHERE e.occurred_at OPERATOR(pg_catalog.>)
+	  (pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval)
+GROUP BY e.event_type;
+
 COMMENT ON TABLE task_events.tasks IS 'Current state of each task; written only by the task_events functions';
 COMMENT ON TABLE task_events.events IS 'Append-only log of domain events, one row per event';

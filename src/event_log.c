@@ -14,6 +14,7 @@
 
 #include "event_log.h"
 #include "spi_util.h"
+#include "task_events.h"
 #include "validate.h"
 
 static SPIPlanPtr te_insert_event_plan = NULL;
@@ -53,6 +54,7 @@ te_append_event(TaskEvent *ev)
 	te_execute_kept(te_insert_event_plan, values, NULL, SPI_OK_INSERT_RETURNING);
 	ev->seq = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										  SPI_tuptable->tupdesc, 1, &isnull));
+	te_wake_workers_at_commit();
 }
 
 /*

@@ -9,6 +9,8 @@
  */
 #include "postgres.h"
 
+#include "utils/lsyscache.h"
+
 #include "spi_util.h"
 
 /*
@@ -43,4 +45,34 @@ te_execute_kept(SPIPlanPtr plan, Datum *values, const char *nulls, int expected_
 	if (ret != expected_ret)
 		elog(ERROR, "SPI_execute_plan returned %s, expected %s",
 			 SPI_result_code_string(ret), SPI_result_code_string(expected_ret));
+}
+
+/*
+ * Run sql with the handler's batch (argument 0 of fcinfo) as $1.  Assumes
+ * SPI is connected.
+ */
+void
+te_handler_exec(FunctionCallInfo fcinfo, HandlerPlan *hp, const char *sql)
+{
+	Oid			function = fcinfo->flinfo->fn_oid;
+	Datum		values[1];
+
+	if (hp->function != function)
+	{
+		Oid		   *argtypes;
+		int			nargs;
+
+		if (hp->plan != NULL)
+			SPI_freeplan(hp->plan);
+		hp->plan = NULL;
+		(void) get_func_signature(function, &argtypes, &nargs);
+		if (nargs != 1)
+			elog(ERROR, "a task_events handler takes one argument, function %u takes %d",
+				 function, nargs);
+		te_prepare_kept(&hp->plan, sql, 1, argtypes);
+		hp->function = function;
+	}
+	values[0] = PG_GETARG_DATUM(0);
+	if (SPI_execute_plan(hp->plan, values, NULL, false, 0) < 0)
+		elog(ERROR, "could not run handler statement \"%s\"", sql);
 }

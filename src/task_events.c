@@ -1,19 +1,165 @@
 /*
  * task_events.c
- *		Module entry point of the task_events extension.
+ *		Module entry point: settings, shared memory and background workers.
  *
- * The write path (task_domain.c and the files it calls) needs nothing from
- * _PG_init; background workers, GUCs and shared memory register here.
+ * The write path needs none of this and works whether or not the library
+ * is preloaded.  With shared_preload_libraries = 'task_events', _PG_init
+ * also reserves the shared state (the workers' latches) and registers
+ * task_events.worker_count workers that run the event handlers in the
+ * database named by task_events.database.
  */
 #include "postgres.h"
 
 #include "fmgr.h"
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/guc.h"
+
+#include "task_events.h"
 
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
+char	   *te_database = NULL;
+int			te_worker_count = 1;
+int			te_batch_size = 1000;
+int			te_max_attempts = 5;
+int			te_retry_delay_ms = 100;
+int			te_poll_interval_ms = 1000;
+
+TeSharedState *te_shared = NULL;
+
+static shmem_request_hook_type te_prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type te_prev_shmem_startup_hook = NULL;
+
+/*
+ * Settings of the workers themselves, fixed at server start: PostgreSQL
+ * allows defining them only while the library is being preloaded.
+ */
+static void
+te_define_worker_gucs(void)
+{
+	DefineCustomStringVariable("task_events.database",
+							   "Database whose events the background workers handle.",
+							   NULL,
+							   &te_database,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable("task_events.worker_count",
+							"Number of background workers that run the event handlers.",
+							"Each worker takes whichever handler is free, so handlers run in parallel up to this number.",
+							&te_worker_count,
+							1, 1, TE_MAX_WORKERS,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+}
+
+/* Settings that also apply to process_pending() in any session. */
+static void
+te_define_gucs(void)
+{
+	DefineCustomIntVariable("task_events.batch_size",
+							"Maximum number of events a handler receives in one batch.",
+							NULL,
+							&te_batch_size,
+							1000, 1, 100000,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("task_events.max_attempts",
+							"Attempts at an event before it goes to task_events.dead_letters.",
+							NULL,
+							&te_max_attempts,
+							5, 1, 1000,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("task_events.retry_delay",
+							"Delay before the first retry of a failed event; it doubles at each further attempt.",
+							NULL,
+							&te_retry_delay_ms,
+							100, 0, 3600 * 1000,
+							PGC_SUSET,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("task_events.poll_interval",
+							"How often an idle worker looks for events nobody woke it for.",
+							"Commits that wrote events wake the workers at once; this is the fallback.",
+							&te_poll_interval_ms,
+							1000, 10, 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	MarkGUCPrefixReserved("task_events");
+}
+
+static void
+te_shmem_request(void)
+{
+	if (te_prev_shmem_request_hook)
+		te_prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(TeSharedState)));
+}
+
+static void
+te_shmem_startup(void)
+{
+	bool		found;
+
+	if (te_prev_shmem_startup_hook)
+		te_prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	te_shared = ShmemInitStruct("task_events", sizeof(TeSharedState), &found);
+	if (!found)
+		memset(te_shared, 0, sizeof(TeSharedState));
+	LWLockRelease(AddinShmemInitLock);
+}
+
+static void
+te_register_workers(void)
+{
+	int			i;
+
+	for (i = 0; i < te_worker_count; i++)
+	{
+		BackgroundWorker worker;
+
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		/* Not on a standby: handlers write, and a standby is read-only. */
+		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		worker.bgw_restart_time = 1;
+		snprintf(worker.bgw_library_name, BGW_MAXLEN, "task_events");
+		snprintf(worker.bgw_function_name, BGW_MAXLEN, "te_worker_main");
+		snprintf(worker.bgw_name, BGW_MAXLEN, "task_events worker %d", i + 1);
+		snprintf(worker.bgw_type, BGW_MAXLEN, "task_events worker");
+		worker.bgw_main_arg = Int32GetDatum(i);
+		RegisterBackgroundWorker(&worker);
+	}
+}
+
 void
 _PG_init(void)
 {
+	if (process_shared_preload_libraries_in_progress)
+		te_define_worker_gucs();
+	te_define_gucs();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	te_prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = te_shmem_request;
+	te_prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = te_shmem_startup;
+
+	te_register_workers();
 }

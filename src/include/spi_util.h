@@ -3,6 +3,7 @@
 #define TE_SPI_UTIL_H
 
 #include "executor/spi.h"
+#include "fmgr.h"
 
 extern void te_prepare_kept(SPIPlanPtr *plan, const char *sql,
 							int nargs, const Oid *argtypes);
@@ -10,3 +11,16 @@ extern void te_execute_kept(SPIPlanPtr plan, Datum *values, const char *nulls,
 							int expected_ret);
 
 #endif
+
+/*
+ * A kept plan of a built-in handler: a statement over the handler's batch
+ * ($1, of the handler function's argument type), replanned when the
+ * function is re-created (its argument type's OID changes with it).
+ */
+typedef struct HandlerPlan
+{
+	Oid			function;
+	SPIPlanPtr	plan;
+} HandlerPlan;
+
+extern void te_handler_exec(FunctionCallInfo fcinfo, HandlerPlan *hp, const char *sql);

@@ -1,0 +1,578 @@
+/*
+ * dispatch.c
+ *		Running one batch of events through one handler: the commit-safe
+ *		window (see commit_horizon.c), the call, retries with backoff, dead
+ *		letters, and the handler's position.
+ *
+ * A handler is a row of task_events.handlers naming a function that takes
+ * task_events.events[] (in seq order).  Its position and retry state are
+ * its row of task_events.handler_state, locked FOR UPDATE SKIP LOCKED for
+ * the whole batch: whichever worker (or process_pending() call) holds the
+ * lock runs the handler, the others skip it.  The handler's writes, the new
+ * position, dead letters and failure counts commit in the caller's
+ * transaction, together: an event's effect is recorded exactly once.
+ *
+ * Each call runs in a subtransaction.  When a whole batch fails, its events
+ * are retried one at a time to find the one that fails; the ones before it
+ * are kept, the failing one's attempt is counted (after rolling back the
+ * attempt, so the count survives) and the handler waits
+ * retry_delay * 2^(attempts - 1) before trying it again.  After
+ * max_attempts the event goes to task_events.dead_letters and the handler
+ * moves on.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+
+#include "commit_horizon.h"
+#include "dispatch.h"
+#include "spi_util.h"
+#include "task_events.h"
+
+/* Longest wait between two attempts at a failing event. */
+#define TE_MAX_RETRY_DELAY_MS (10 * 60 * 1000)
+
+/* A handler's row of task_events.handler_state, as locked for a batch. */
+typedef struct HandlerState
+{
+	const char *handler;
+	Oid			function;
+	Datum		window_start;	/* pg_snapshot */
+	Datum		window_end;		/* pg_snapshot, or 0 when no window is open */
+	int64		window_seq;		/* in the open window, seqs up to this are done */
+	int64		last_seq;		/* highest seq handled, for monitoring */
+	int64		failing_seq;	/* 0, or the event being retried */
+	int32		attempts;		/* failed attempts at failing_seq */
+	TimestampTz retry_at;		/* 0, or no attempt before this time */
+	/* what this batch adds to the state */
+	int64		handled;
+	int64		failed;
+	double		batch_ms;
+	bool		called;			/* the handler function was called */
+	ErrorData  *last_error;
+} HandlerState;
+
+static SPIPlanPtr te_lock_plan = NULL;
+static SPIPlanPtr te_window_plan = NULL;
+static SPIPlanPtr te_batch_plan = NULL;
+static SPIPlanPtr te_dead_letter_plan = NULL;
+static SPIPlanPtr te_retry_select_plan = NULL;
+static SPIPlanPtr te_retry_done_plan = NULL;
+static SPIPlanPtr te_retry_failed_plan = NULL;
+static SPIPlanPtr te_save_plan = NULL;
+static SPIPlanPtr te_list_plan = NULL;
+
+/* Value of column col of SPI result row 0, copied into the current context. */
+static Datum
+te_result_datum(int col, bool *isnull)
+{
+	Form_pg_attribute att = TupleDescAttr(SPI_tuptable->tupdesc, col - 1);
+	Datum		value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+									  col, isnull);
+
+	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
+}
+
+/*
+ * Call the handler's function with events (a task_events.events[]) in a
+ * subtransaction.  Returns true on success; on failure rolls the
+ * subtransaction back and returns the error, copied into cxt.
+ */
+static bool
+te_call_handler(Oid function, Datum events, MemoryContext cxt, ErrorData **error)
+{
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool ok = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		FmgrInfo	flinfo;
+		LOCAL_FCINFO(fcinfo, 1);
+
+		fmgr_info(function, &flinfo);
+		InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
+		fcinfo->args[0].value = events;
+		fcinfo->args[0].isnull = false;
+		(void) FunctionCallInvoke(fcinfo);
+
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		*error = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/* A one-element task_events.events[] holding event. */
+static Datum
+te_single_event_array(Datum event, Oid event_type)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+
+	get_typlenbyvalalign(event_type, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_array(&event, 1, event_type,
+										   typlen, typbyval, typalign));
+}
+
+static int64
+te_event_seq(Datum event)
+{
+	bool		isnull;
+
+	return DatumGetInt64(GetAttributeByName(DatumGetHeapTupleHeader(event),
+											"seq", &isnull));
+}
+
+/*
+ * Lock the handler's state row and load it into *st.  False when the
+ * handler is disabled, gone, or being run by someone else right now.
+ */
+static bool
+te_lock_handler(HandlerState *st)
+{
+	static const Oid argtypes[] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+
+	te_prepare_kept(&te_lock_plan,
+					"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end,"
+					"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at"
+					" FROM task_events.handler_state s"
+					" JOIN task_events.handlers h ON h.handler OPERATOR(pg_catalog.=) s.handler"
+					" WHERE s.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
+					" FOR UPDATE OF s SKIP LOCKED",
+					lengthof(argtypes), argtypes);
+	values[0] = CStringGetTextDatum(st->handler);
+	te_execute_kept(te_lock_plan, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return false;
+
+	st->function = DatumGetObjectId(te_result_datum(1, &isnull));
+	st->window_start = te_result_datum(2, &isnull);
+	st->window_end = te_result_datum(3, &isnull);
+	st->window_seq = DatumGetInt64(te_result_datum(4, &isnull));
+	st->last_seq = DatumGetInt64(te_result_datum(5, &isnull));
+	st->failing_seq = DatumGetInt64(te_result_datum(6, &isnull));
+	st->attempts = DatumGetInt32(te_result_datum(7, &isnull));
+	st->retry_at = DatumGetTimestampTz(te_result_datum(8, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	return true;
+}
+
+/*
+ * Open a window if none is open: from the position up to the active
+ * snapshot.  False when that window holds no event (nothing is written
+ * then: an idle handler costs one index probe).
+ */
+static bool
+te_open_window(HandlerState *st)
+{
+	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID};
+	Datum		values[2];
+	Datum		end;
+	Datum		min_seq;
+	bool		isnull;
+
+	if (st->window_end != (Datum) 0)
+		return true;
+	end = te_window_snapshot();
+
+	te_prepare_kept(&te_window_plan,
+					"SELECT pg_catalog.min(e.seq) FROM task_events.events e"
+					" WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin($1)"
+					"   AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
+					"   AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $2)",
+					lengthof(argtypes), argtypes);
+	values[0] = st->window_start;
+	values[1] = end;
+	te_execute_kept(te_window_plan, values, NULL, SPI_OK_SELECT);
+	min_seq = te_result_datum(1, &isnull);
+	SPI_freetuptable(SPI_tuptable);
+	if (isnull)
+		return false;
+
+	st->window_end = end;
+	st->window_seq = DatumGetInt64(min_seq) - 1;
+	return true;
+}
+
+/* Close the open window: everything up to its end snapshot is handled. */
+static void
+te_close_window(HandlerState *st)
+{
+	st->window_start = st->window_end;
+	st->window_end = (Datum) 0;
+	st->window_seq = 0;
+}
+
+/*
+ * The count events of the window up to seq are handled (or dead-lettered):
+ * move the position past them, and forget the retry state of any of them.
+ */
+static void
+te_mark_done(HandlerState *st, int64 seq, int64 count)
+{
+	st->window_seq = seq;
+	st->last_seq = Max(st->last_seq, seq);
+	st->handled += count;
+	if (st->failing_seq != 0 && st->failing_seq <= seq)
+	{
+		st->failing_seq = 0;
+		st->attempts = 0;
+		st->retry_at = 0;
+	}
+}
+
+static void
+te_insert_dead_letter(HandlerState *st, Datum event, int64 seq, ErrorData *error)
+{
+	static const Oid argtypes[] = {TEXTOID, INT8OID, UUIDOID, INT4OID, TEXTOID, TEXTOID};
+	Datum		values[6];
+	bool		isnull;
+
+	te_prepare_kept(&te_dead_letter_plan,
+					"INSERT INTO task_events.dead_letters"
+					" (handler, seq, event_id, attempts, sqlstate, message, failed_at)"
+					" VALUES ($1, $2, $3, $4, $5, $6, pg_catalog.clock_timestamp())",
+					lengthof(argtypes), argtypes);
+	values[0] = CStringGetTextDatum(st->handler);
+	values[1] = Int64GetDatum(seq);
+	values[2] = GetAttributeByName(DatumGetHeapTupleHeader(event), "event_id", &isnull);
+	values[3] = Int32GetDatum(st->attempts);
+	values[4] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
+	values[5] = CStringGetTextDatum(error->message ? error->message : "");
+	te_execute_kept(te_dead_letter_plan, values, NULL, SPI_OK_INSERT);
+}
+
+/*
+ * Count a failed attempt at event seq.  Returns true when the event was
+ * dead-lettered (the handler moves on), false when it is to be retried
+ * after a backoff (the handler stops here).
+ */
+static bool
+te_record_failure(HandlerState *st, Datum event, int64 seq, ErrorData *error)
+{
+	int64		delay_ms;
+
+	st->failed++;
+	st->last_error = error;
+	st->attempts = (st->failing_seq == seq) ? st->attempts + 1 : 1;
+	st->failing_seq = seq;
+
+	if (st->attempts >= te_max_attempts)
+	{
+		te_insert_dead_letter(st, event, seq, error);
+		te_mark_done(st, seq, 1);
+		return true;
+	}
+
+	delay_ms = (int64) te_retry_delay_ms << Min(st->attempts - 1, 30);
+	delay_ms = Min(delay_ms, TE_MAX_RETRY_DELAY_MS);
+	st->retry_at = GetCurrentTimestamp() + delay_ms * 1000;
+	return false;
+}
+
+/*
+ * After a batch failed as a whole, run its events one at a time: keep the
+ * ones that succeed, stop at the first that fails (unless it goes to the
+ * dead letters).  Returns true when every event was handled.
+ */
+static bool
+te_run_one_by_one(HandlerState *st, Datum batch, MemoryContext cxt)
+{
+	ArrayType  *array = DatumGetArrayTypeP(batch);
+	Oid			event_type = ARR_ELEMTYPE(array);
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	Datum	   *events;
+	int			nevents;
+	int			i;
+
+	get_typlenbyvalalign(event_type, &typlen, &typbyval, &typalign);
+	deconstruct_array(array, event_type, typlen, typbyval, typalign,
+					  &events, NULL, &nevents);
+
+	for (i = 0; i < nevents; i++)
+	{
+		int64		seq = te_event_seq(events[i]);
+		ErrorData  *error = NULL;
+
+		if (te_call_handler(st->function, te_single_event_array(events[i], event_type),
+							cxt, &error))
+			te_mark_done(st, seq, 1);
+		else if (!te_record_failure(st, events[i], seq, error))
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Retry the handler's dead letters that retry_dead_letters() queued: each
+ * once, in seq order; a success removes the dead letter, a failure puts it
+ * back with the new error.
+ */
+static void
+te_retry_dead_letters(HandlerState *st, int max_events, MemoryContext cxt)
+{
+	static const Oid select_types[] = {TEXTOID, INT4OID};
+	static const Oid key_types[] = {TEXTOID, INT8OID, TEXTOID, TEXTOID};
+	Datum		values[4];
+	SPITupleTable *queued;
+	uint64		nqueued;
+	uint64		i;
+
+	te_prepare_kept(&te_retry_select_plan,
+					"SELECT d.seq, e FROM task_events.dead_letters d"
+					" JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq"
+					" WHERE d.handler OPERATOR(pg_catalog.=) $1 AND d.retry_requested"
+					" ORDER BY d.seq LIMIT $2",
+					lengthof(select_types), select_types);
+	values[0] = CStringGetTextDatum(st->handler);
+	values[1] = Int32GetDatum(max_events);
+	te_execute_kept(te_retry_select_plan, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+	{
+		SPI_freetuptable(SPI_tuptable);
+		return;
+	}
+	queued = SPI_tuptable;
+	nqueued = SPI_processed;
+
+	te_prepare_kept(&te_retry_done_plan,
+					"DELETE FROM task_events.dead_letters"
+					" WHERE handler OPERATOR(pg_catalog.=) $1 AND seq OPERATOR(pg_catalog.=) $2",
+					2, key_types);
+	te_prepare_kept(&te_retry_failed_plan,
+					"UPDATE task_events.dead_letters"
+					" SET attempts = attempts OPERATOR(pg_catalog.+) 1, sqlstate = $3, message = $4,"
+					"     failed_at = pg_catalog.clock_timestamp(), retry_requested = false"
+					" WHERE handler OPERATOR(pg_catalog.=) $1 AND seq OPERATOR(pg_catalog.=) $2",
+					lengthof(key_types), key_types);
+
+	for (i = 0; i < nqueued; i++)
+	{
+		bool		isnull;
+		int64		seq = DatumGetInt64(SPI_getbinval(queued->vals[i], queued->tupdesc, 1, &isnull));
+		Datum		event = SPI_getbinval(queued->vals[i], queued->tupdesc, 2, &isnull);
+		Oid			event_type = SPI_gettypeid(queued->tupdesc, 2);
+		ErrorData  *error = NULL;
+
+		values[1] = Int64GetDatum(seq);
+		st->called = true;
+		if (te_call_handler(st->function, te_single_event_array(event, event_type),
+							cxt, &error))
+		{
+			te_execute_kept(te_retry_done_plan, values, NULL, SPI_OK_DELETE);
+			st->handled++;
+		}
+		else
+		{
+			values[2] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
+			values[3] = CStringGetTextDatum(error->message ? error->message : "");
+			te_execute_kept(te_retry_failed_plan, values, NULL, SPI_OK_UPDATE);
+			st->failed++;
+			st->last_error = error;
+		}
+	}
+	SPI_freetuptable(queued);
+}
+
+/*
+ * Fetch up to max_events events of the open window, after window_seq, as
+ * one task_events.events[] in seq order.  Returns the number fetched and
+ * sets *max_seq to the last one's seq.
+ */
+static int64
+te_fetch_batch(HandlerState *st, int max_events, Datum *batch, int64 *max_seq)
+{
+	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT4OID};
+	Datum		values[4];
+	bool		isnull;
+	int64		count;
+
+	te_prepare_kept(&te_batch_plan,
+					"SELECT pg_catalog.array_agg(b.e ORDER BY (b.e).seq), pg_catalog.count(*),"
+					"       pg_catalog.max((b.e).seq)"
+					" FROM (SELECT e FROM task_events.events e"
+					"       WHERE e.seq OPERATOR(pg_catalog.>) $3"
+					"         AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
+					"         AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $2)"
+					"       ORDER BY e.seq LIMIT $4) b",
+					lengthof(argtypes), argtypes);
+	values[0] = st->window_start;
+	values[1] = st->window_end;
+	values[2] = Int64GetDatum(st->window_seq);
+	values[3] = Int32GetDatum(max_events);
+	te_execute_kept(te_batch_plan, values, NULL, SPI_OK_SELECT);
+	*batch = te_result_datum(1, &isnull);
+	count = DatumGetInt64(te_result_datum(2, &isnull));
+	*max_seq = count > 0 ? DatumGetInt64(te_result_datum(3, &isnull)) : 0;
+	SPI_freetuptable(SPI_tuptable);
+	return count;
+}
+
+/* Write the handler's new position, retry state and counters. */
+static void
+te_save_state(HandlerState *st)
+{
+	static const Oid argtypes[] = {
+		TEXTOID, PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT8OID, INT8OID, INT4OID,
+		TIMESTAMPTZOID, TEXTOID, TEXTOID, INT8OID, INT8OID, INT4OID, FLOAT8OID
+	};
+	Datum		values[14];
+	char		nulls[14];
+
+	te_prepare_kept(&te_save_plan,
+					"UPDATE task_events.handler_state SET"
+					" window_start = $2, window_end = $3, window_seq = $4, last_seq = $5,"
+					" failing_seq = $6, attempts = $7, retry_at = $8,"
+					" last_error = COALESCE($9, last_error),"
+					" last_sqlstate = COALESCE($10, last_sqlstate),"
+					" last_error_at = CASE WHEN $9 IS NULL THEN last_error_at"
+					"                 ELSE pg_catalog.clock_timestamp() END,"
+					" processed = processed OPERATOR(pg_catalog.+) $11,"
+					" failed = failed OPERATOR(pg_catalog.+) $12,"
+					" batches = batches OPERATOR(pg_catalog.+) $13,"
+					" batch_ms_total = batch_ms_total OPERATOR(pg_catalog.+) $14,"
+					" batch_ms_max = GREATEST(batch_ms_max, $14),"
+					" updated_at = pg_catalog.clock_timestamp()"
+					" WHERE handler OPERATOR(pg_catalog.=) $1",
+					lengthof(argtypes), argtypes);
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = CStringGetTextDatum(st->handler);
+	values[1] = st->window_start;
+	values[2] = st->window_end;
+	nulls[2] = st->window_end ? ' ' : 'n';
+	values[3] = Int64GetDatum(st->window_seq);
+	values[4] = Int64GetDatum(st->last_seq);
+	values[5] = Int64GetDatum(st->failing_seq);
+	nulls[5] = st->failing_seq ? ' ' : 'n';
+	values[6] = Int32GetDatum(st->attempts);
+	values[7] = TimestampTzGetDatum(st->retry_at);
+	nulls[7] = st->retry_at ? ' ' : 'n';
+	if (st->last_error)
+	{
+		values[8] = CStringGetTextDatum(st->last_error->message ? st->last_error->message : "");
+		values[9] = CStringGetTextDatum(unpack_sql_state(st->last_error->sqlerrcode));
+	}
+	else
+		nulls[8] = nulls[9] = 'n';
+	values[10] = Int64GetDatum(st->handled);
+	values[11] = Int64GetDatum(st->failed);
+	values[12] = Int32GetDatum(st->called ? 1 : 0);
+	values[13] = Float8GetDatum(st->batch_ms);
+	te_execute_kept(te_save_plan, values, nulls, SPI_OK_UPDATE);
+}
+
+/*
+ * Run at most max_events events through handler, in the caller's
+ * transaction.  Assumes SPI is connected and an active snapshot is set.
+ * Returns false when the handler was skipped (disabled, gone, or locked by
+ * another runner); *outcome says what was done.
+ */
+bool
+te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	HandlerState st;
+	TimestampTz started;
+	Datum		batch;
+	int64		max_seq;
+	int64		count = 0;
+	bool		window_done = false;
+	bool		stopped = false;
+
+	memset(outcome, 0, sizeof(*outcome));
+	memset(&st, 0, sizeof(st));
+	st.handler = handler;
+	if (!te_lock_handler(&st))
+		return false;
+
+	if (st.retry_at != 0 && st.retry_at > GetCurrentTimestamp())
+	{
+		outcome->retry_at = st.retry_at;
+		return true;
+	}
+
+	started = GetCurrentTimestamp();
+	te_retry_dead_letters(&st, max_events, cxt);
+
+	if (te_open_window(&st))
+	{
+		count = te_fetch_batch(&st, max_events, &batch, &max_seq);
+		if (count > 0)
+		{
+			ErrorData  *error = NULL;
+
+			st.called = true;
+			if (te_call_handler(st.function, batch, cxt, &error))
+				te_mark_done(&st, max_seq, count);
+			else
+				stopped = !te_run_one_by_one(&st, batch, cxt);
+		}
+		window_done = !stopped && count < max_events;
+		if (window_done)
+			te_close_window(&st);
+	}
+
+	st.batch_ms = (double) (GetCurrentTimestamp() - started) / 1000.0;
+	if (st.called || window_done)
+		te_save_state(&st);
+
+	outcome->handled = st.handled;
+	outcome->failed = st.failed;
+	outcome->retry_at = stopped ? st.retry_at : 0;
+	outcome->more = !stopped && st.called;
+	return true;
+}
+
+/*
+ * Names of the enabled handlers, in name order, giving each new handler its
+ * state row (a new handler starts from the beginning of the log).
+ * Assumes SPI is connected.
+ */
+List *
+te_list_handlers(void)
+{
+	List	   *names = NIL;
+	uint64		i;
+
+	te_prepare_kept(&te_list_plan,
+					"WITH new AS ("
+					"  INSERT INTO task_events.handler_state (handler)"
+					"  SELECT h.handler FROM task_events.handlers h"
+					"  WHERE NOT EXISTS (SELECT FROM task_events.handler_state s"
+					"                    WHERE s.handler OPERATOR(pg_catalog.=) h.handler)"
+					"  ON CONFLICT DO NOTHING)"
+					" SELECT handler FROM task_events.handlers WHERE enabled ORDER BY handler",
+					0, NULL);
+	te_execute_kept(te_list_plan, NULL, NULL, SPI_OK_SELECT);
+	for (i = 0; i < SPI_processed; i++)
+		names = lappend(names, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
+	return names;
+}
