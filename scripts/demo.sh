@@ -4,7 +4,8 @@
 # then print what that client received.  Run as root (sudo scripts/demo.sh).
 #
 # Environment:
-#   TE_PRELOAD=1  start the server with shared_preload_libraries = 'task_events'
+#   TE_PRELOAD=0  start the server without shared_preload_libraries = 'task_events'
+#                 (no background workers; events are then left unhandled)
 set -euo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,8 +43,8 @@ trap cleanup EXIT
 pg_temp_chown "$TMP"
 
 conf=()
-if [[ ${TE_PRELOAD:-0} == 1 ]]; then
-	conf+=("shared_preload_libraries = 'task_events'")
+if [[ ${TE_PRELOAD:-1} == 1 ]]; then
+	conf+=("shared_preload_libraries = 'task_events'" "task_events.database = '$DB'")
 fi
 pg_temp_start "$TMP/data" "${conf[@]}"
 DATADIR=$PG_TEMP_DATADIR
@@ -53,6 +54,18 @@ psql() { "$PG_BIN/psql" -X -v ON_ERROR_STOP=1 "$@"; }
 
 psql -q -d postgres -c "CREATE DATABASE $DB"
 psql -d "$DB" -e -c 'CREATE EXTENSION task_events'
+
+# The worker connects to $DB, which did not exist when the server started:
+# it retries by itself; wait until it is in, so the demo shows live handling.
+if [[ ${TE_PRELOAD:-1} == 1 ]]; then
+	for _ in $(seq 1 300); do
+		n=$(psql -At -d "$DB" -c "SELECT count(*) FROM pg_stat_activity
+			WHERE backend_type = 'task_events worker' AND datname = current_database()")
+		[[ $n -ge 1 ]] && break
+		sleep 0.1
+	done
+	echo "task_events worker connected to $DB"
+fi
 
 if [[ ! -f $DEMO_SQL ]]; then
 	echo

@@ -34,3 +34,27 @@ FROM task_events.task_history(:'docs');
 \set ON_ERROR_STOP 0
 DELETE FROM task_events.events;
 \set ON_ERROR_STOP 1
+
+\echo '== The background workers ran the handlers: wait until they caught up'
+DO $$
+BEGIN
+	FOR i IN 1..200 LOOP
+		EXIT WHEN (SELECT sum(events_behind) FROM task_events.handler_status) = 0;
+		PERFORM pg_sleep(0.05);
+	END LOOP;
+END
+$$;
+SELECT handler, position, events_behind, processed, failed, dead_letters
+FROM task_events.handler_status;
+
+\echo '== notification: a message per created and completed task'
+SELECT notification_id, user_id, message FROM task_events.notifications ORDER BY notification_id;
+
+\echo '== analytics: counters and completion times per user'
+SELECT metric, user_id, value FROM task_events.analytics_counters ORDER BY metric, user_id;
+SELECT user_id, completed, round(total_seconds::numeric, 3) AS total_seconds
+FROM task_events.completion_stats;
+
+\echo '== audit: every event, with how long after it the row was written'
+SELECT seq, event_type, round(extract(epoch FROM recorded_at - occurred_at)::numeric * 1000, 1) AS lag_ms
+FROM task_events.audit_log ORDER BY seq;

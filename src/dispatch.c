@@ -61,7 +61,9 @@ typedef struct HandlerState
 	ErrorData  *last_error;
 } HandlerState;
 
+static SPIPlanPtr te_peek_plan = NULL;
 static SPIPlanPtr te_lock_plan = NULL;
+static SPIPlanPtr te_retries_queued_plan = NULL;
 static SPIPlanPtr te_window_plan = NULL;
 static SPIPlanPtr te_batch_plan = NULL;
 static SPIPlanPtr te_dead_letter_plan = NULL;
@@ -147,28 +149,35 @@ te_event_seq(Datum event)
 }
 
 /*
- * Lock the handler's state row and load it into *st.  False when the
- * handler is disabled, gone, or being run by someone else right now.
+ * Load the handler's state row into *st; with lock, lock it first (FOR
+ * UPDATE SKIP LOCKED).  False when the handler is disabled or gone, or, with
+ * lock, being run by someone else right now.
  */
 static bool
-te_lock_handler(HandlerState *st)
+te_load_state(HandlerState *st, bool lock)
 {
 	static const Oid argtypes[] = {TEXTOID};
+	SPIPlanPtr *plan = lock ? &te_lock_plan : &te_peek_plan;
 	Datum		values[1];
 	bool		isnull;
 
-	te_prepare_kept(&te_lock_plan,
-					"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end,"
-					"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at"
-					" FROM task_events.handler_state s"
-					" JOIN task_events.handlers h ON h.handler OPERATOR(pg_catalog.=) s.handler"
-					" WHERE s.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
-					" FOR UPDATE OF s SKIP LOCKED",
+#define TE_STATE_QUERY \
+	"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end," \
+	"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at" \
+	" FROM task_events.handler_state s" \
+	" JOIN task_events.handlers h ON h.handler OPERATOR(pg_catalog.=) s.handler" \
+	" WHERE s.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
+
+	te_prepare_kept(plan,
+					lock ? TE_STATE_QUERY " FOR UPDATE OF s SKIP LOCKED" : TE_STATE_QUERY,
 					lengthof(argtypes), argtypes);
 	values[0] = CStringGetTextDatum(st->handler);
-	te_execute_kept(te_lock_plan, values, NULL, SPI_OK_SELECT);
+	te_execute_kept(*plan, values, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0)
+	{
+		SPI_freetuptable(SPI_tuptable);
 		return false;
+	}
 
 	st->function = DatumGetObjectId(te_result_datum(1, &isnull));
 	st->window_start = te_result_datum(2, &isnull);
@@ -183,22 +192,16 @@ te_lock_handler(HandlerState *st)
 }
 
 /*
- * Open a window if none is open: from the position up to the active
- * snapshot.  False when that window holds no event (nothing is written
- * then: an idle handler costs one index probe).
+ * The lowest seq of the events visible in end and not in the handler's
+ * window_start, or 0 when there is none.
  */
-static bool
-te_open_window(HandlerState *st)
+static int64
+te_window_min_seq(HandlerState *st, Datum end)
 {
 	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID};
 	Datum		values[2];
-	Datum		end;
 	Datum		min_seq;
 	bool		isnull;
-
-	if (st->window_end != (Datum) 0)
-		return true;
-	end = te_window_snapshot();
 
 	te_prepare_kept(&te_window_plan,
 					"SELECT pg_catalog.min(e.seq) FROM task_events.events e"
@@ -211,11 +214,60 @@ te_open_window(HandlerState *st)
 	te_execute_kept(te_window_plan, values, NULL, SPI_OK_SELECT);
 	min_seq = te_result_datum(1, &isnull);
 	SPI_freetuptable(SPI_tuptable);
-	if (isnull)
+	return isnull ? 0 : DatumGetInt64(min_seq);
+}
+
+/* Has the handler dead letters queued for a retry? */
+static bool
+te_retries_queued(HandlerState *st)
+{
+	static const Oid argtypes[] = {TEXTOID};
+	Datum		values[1];
+	bool		queued;
+
+	te_prepare_kept(&te_retries_queued_plan,
+					"SELECT FROM task_events.dead_letters"
+					" WHERE handler OPERATOR(pg_catalog.=) $1 AND retry_requested LIMIT 1",
+					lengthof(argtypes), argtypes);
+	values[0] = CStringGetTextDatum(st->handler);
+	te_execute_kept(te_retries_queued_plan, values, NULL, SPI_OK_SELECT);
+	queued = SPI_processed > 0;
+	SPI_freetuptable(SPI_tuptable);
+	return queued;
+}
+
+/*
+ * Is there anything for the handler to do: an open window, new events, or
+ * dead letters to retry?  Read-only, so that an idle handler takes no lock
+ * and writes nothing.
+ */
+static bool
+te_has_work(HandlerState *st)
+{
+	return st->window_end != (Datum) 0 ||
+		te_window_min_seq(st, te_window_snapshot()) != 0 ||
+		te_retries_queued(st);
+}
+
+/*
+ * Open a window if none is open: from the position up to the active
+ * snapshot.  False when that window holds no event.
+ */
+static bool
+te_open_window(HandlerState *st)
+{
+	Datum		end;
+	int64		min_seq;
+
+	if (st->window_end != (Datum) 0)
+		return true;
+	end = te_window_snapshot();
+	min_seq = te_window_min_seq(st, end);
+	if (min_seq == 0)
 		return false;
 
 	st->window_end = end;
-	st->window_seq = DatumGetInt64(min_seq) - 1;
+	st->window_seq = min_seq - 1;
 	return true;
 }
 
@@ -510,9 +562,17 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 	memset(outcome, 0, sizeof(*outcome));
 	memset(&st, 0, sizeof(st));
 	st.handler = handler;
-	if (!te_lock_handler(&st))
-		return false;
 
+	/* Look first, lock only when there is work: idle handlers write nothing. */
+	if (!te_load_state(&st, false))
+		return false;
+	if (st.retry_at == 0 || st.retry_at <= GetCurrentTimestamp())
+	{
+		if (!te_has_work(&st))
+			return true;
+		if (!te_load_state(&st, true))
+			return false;
+	}
 	if (st.retry_at != 0 && st.retry_at > GetCurrentTimestamp())
 	{
 		outcome->retry_at = st.retry_at;

@@ -105,10 +105,12 @@ te_run_round(MemoryContext cxt, TimestampTz *next_retry)
 	foreach(lc, handlers)
 	{
 		const char *handler = lfirst(lc);
+		char		activity[NAMEDATALEN + 32];
 		BatchOutcome outcome;
 
 		CHECK_FOR_INTERRUPTS();
-		te_begin_work(psprintf("handling events: %s", handler));
+		snprintf(activity, sizeof(activity), "handling events: %s", handler);
+		te_begin_work(activity);
 		(void) te_run_handler_batch(handler, te_batch_size, &outcome);
 		te_end_work();
 
