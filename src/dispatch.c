@@ -53,6 +53,7 @@ typedef struct HandlerState
 	int64		failing_seq;	/* 0, or the event being retried */
 	int32		attempts;		/* failed attempts at failing_seq */
 	TimestampTz retry_at;		/* 0, or no attempt before this time */
+	bool		has_state_row;	/* false for a handler that never ran */
 	/* what this batch adds to the state */
 	int64		handled;
 	int64		failed;
@@ -63,6 +64,7 @@ typedef struct HandlerState
 
 static SPIPlanPtr te_peek_plan = NULL;
 static SPIPlanPtr te_lock_plan = NULL;
+static SPIPlanPtr te_create_state_plan = NULL;
 static SPIPlanPtr te_retries_queued_plan = NULL;
 static SPIPlanPtr te_window_plan = NULL;
 static SPIPlanPtr te_batch_plan = NULL;
@@ -120,6 +122,10 @@ te_call_handler(Oid function, Datum events, MemoryContext cxt, ErrorData **error
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
+
+		/* A cancel or statement_timeout stops the caller, as in PL/pgSQL. */
+		if ((*error)->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(*error);
 		ok = false;
 	}
 	PG_END_TRY();
@@ -149,9 +155,11 @@ te_event_seq(Datum event)
 }
 
 /*
- * Load the handler's state row into *st; with lock, lock it first (FOR
- * UPDATE SKIP LOCKED).  False when the handler is disabled or gone, or, with
- * lock, being run by someone else right now.
+ * Load the handler's state into *st.  The peek (lock = false) reads it as
+ * it is, a handler without a state row yet starting from the beginning of
+ * the log; with lock, the row is created if missing and locked (FOR UPDATE
+ * SKIP LOCKED).  False when the handler is disabled or gone, or, with lock,
+ * being run by someone else right now.
  */
 static bool
 te_load_state(HandlerState *st, bool lock)
@@ -161,17 +169,47 @@ te_load_state(HandlerState *st, bool lock)
 	Datum		values[1];
 	bool		isnull;
 
-#define TE_STATE_QUERY \
-	"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end," \
-	"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at" \
-	" FROM task_events.handler_state s" \
-	" JOIN task_events.handlers h ON h.handler OPERATOR(pg_catalog.=) s.handler" \
-	" WHERE s.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
+	values[0] = CStringGetTextDatum(st->handler);
+	if (lock && !st->has_state_row)
+	{
+		/*
+		 * Whoever creates the row holds this lock until its transaction ends,
+		 * so the INSERT below never waits on another runner's uncommitted
+		 * row: that runner is skipped instead, as a locked row would be.
+		 */
+		te_prepare_kept(&te_create_state_plan,
+						"INSERT INTO task_events.handler_state (handler)"
+						" SELECT $1 WHERE pg_catalog.pg_try_advisory_xact_lock("
+						"   pg_catalog.hashtext('task_events.handler_state'), pg_catalog.hashtext($1))"
+						" ON CONFLICT DO NOTHING RETURNING true",
+						lengthof(argtypes), argtypes);
+		te_execute_kept(te_create_state_plan, values, NULL, SPI_OK_INSERT_RETURNING);
+		if (SPI_processed == 0)
+		{
+			SPI_freetuptable(SPI_tuptable);
+			return false;
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+
+#define TE_STATE_COLUMNS \
+	"SELECT h.function::pg_catalog.oid," \
+	"       COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot), s.window_end," \
+	"       COALESCE(s.window_seq, 0), COALESCE(s.last_seq, 0), s.failing_seq," \
+	"       COALESCE(s.attempts, 0), s.retry_at, s.handler IS NOT NULL" \
+	" FROM task_events.handlers h"
+#define TE_STATE_WHERE \
+	" WHERE h.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
 
 	te_prepare_kept(plan,
-					lock ? TE_STATE_QUERY " FOR UPDATE OF s SKIP LOCKED" : TE_STATE_QUERY,
+					lock ?
+					TE_STATE_COLUMNS
+					" JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
+					TE_STATE_WHERE " FOR UPDATE OF s SKIP LOCKED" :
+					TE_STATE_COLUMNS
+					" LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
+					TE_STATE_WHERE,
 					lengthof(argtypes), argtypes);
-	values[0] = CStringGetTextDatum(st->handler);
 	te_execute_kept(*plan, values, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 	{
@@ -187,6 +225,7 @@ te_load_state(HandlerState *st, bool lock)
 	st->failing_seq = DatumGetInt64(te_result_datum(6, &isnull));
 	st->attempts = DatumGetInt32(te_result_datum(7, &isnull));
 	st->retry_at = DatumGetTimestampTz(te_result_datum(8, &isnull));
+	st->has_state_row = DatumGetBool(te_result_datum(9, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	return true;
 }
@@ -556,6 +595,7 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 	Datum		batch;
 	int64		max_seq;
 	int64		count = 0;
+	int			budget;
 	bool		window_done = false;
 	bool		stopped = false;
 
@@ -581,10 +621,11 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 
 	started = GetCurrentTimestamp();
 	te_retry_dead_letters(&st, max_events, cxt);
+	budget = max_events - (int) st.handled;
 
-	if (te_open_window(&st))
+	if (budget > 0 && te_open_window(&st))
 	{
-		count = te_fetch_batch(&st, max_events, &batch, &max_seq);
+		count = te_fetch_batch(&st, budget, &batch, &max_seq);
 		if (count > 0)
 		{
 			ErrorData  *error = NULL;
@@ -595,7 +636,7 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 			else
 				stopped = !te_run_one_by_one(&st, batch, cxt);
 		}
-		window_done = !stopped && count < max_events;
+		window_done = !stopped && count < budget;
 		if (window_done)
 			te_close_window(&st);
 	}
@@ -607,14 +648,13 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 	outcome->handled = st.handled;
 	outcome->failed = st.failed;
 	outcome->retry_at = stopped ? st.retry_at : 0;
-	outcome->more = !stopped && st.called;
+	/* After a window closes, a newer one may already hold events. */
+	outcome->more = !stopped && (st.called || window_done);
 	return true;
 }
 
 /*
- * Names of the enabled handlers, in name order, giving each new handler its
- * state row (a new handler starts from the beginning of the log).
- * Assumes SPI is connected.
+ * Names of the enabled handlers, in name order.  Assumes SPI is connected.
  */
 List *
 te_list_handlers(void)
@@ -623,13 +663,7 @@ te_list_handlers(void)
 	uint64		i;
 
 	te_prepare_kept(&te_list_plan,
-					"WITH new AS ("
-					"  INSERT INTO task_events.handler_state (handler)"
-					"  SELECT h.handler FROM task_events.handlers h"
-					"  WHERE NOT EXISTS (SELECT FROM task_events.handler_state s"
-					"                    WHERE s.handler OPERATOR(pg_catalog.=) h.handler)"
-					"  ON CONFLICT DO NOTHING)"
-					" SELECT handler FROM task_events.handlers WHERE enabled ORDER BY handler",
+					"SELECT handler FROM task_events.handlers WHERE enabled ORDER BY handler",
 					0, NULL);
 	te_execute_kept(te_list_plan, NULL, NULL, SPI_OK_SELECT);
 	for (i = 0; i < SPI_processed; i++)
