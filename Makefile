@@ -22,6 +22,7 @@ OBJS = \
 	src/handler_audit.o \
 	src/handler_notification.o \
 	src/handler_analytics.o \
+	src/handler_relay.o \
 	src/worker.o
 
 DATA = task_events--1.0.sql
@@ -33,7 +34,7 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 SHLIB_LINK = -luuid
 
 # pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
-REGRESS = setup create_task update_status errors append_only history handlers dead_letters
+REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry
 REGRESS_OPTS = --temp-instance=tmp_check --temp-config=$(srcdir)/test/regress.conf \
 	--encoding=UTF8 --no-locale
 

@@ -91,6 +91,31 @@ CREATE TABLE task_events.handlers (
 	description text
 );
 
+/* A handler's function must take task_events.events[] and return void. */
+CREATE FUNCTION task_events.check_handler_function()
+	RETURNS trigger
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_proc p
+				   WHERE p.oid OPERATOR(pg_catalog.=) NEW.function
+					 AND p.prokind OPERATOR(pg_catalog.=) 'f'
+					 AND p.pronargs OPERATOR(pg_catalog.=) 1
+					 AND p.proargtypes[0] OPERATOR(pg_catalog.=) 'task_events.events[]'::pg_catalog.regtype
+					 AND p.prorettype OPERATOR(pg_catalog.=) 'pg_catalog.void'::pg_catalog.regtype) THEN
+		RAISE EXCEPTION 'function % cannot be a task_events handler', NEW.function
+			USING ERRCODE = 'invalid_function_definition',
+				  DETAIL = 'A handler function takes one argument of type task_events.events[] and returns void.';
+	END IF;
+	RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER handlers_check_function
+	BEFORE INSERT OR UPDATE OF function ON task_events.handlers
+	FOR EACH ROW EXECUTE FUNCTION task_events.check_handler_function();
+
 /*
  * Where each handler is in the log.  Events visible in window_start are
  * handled; when window_end is set, so are the events visible in window_end
@@ -194,13 +219,20 @@ CREATE FUNCTION task_events.audit_handler(events task_events.events[])
 	AS 'MODULE_PATHNAME', 'audit_handler'
 	LANGUAGE C;
 
+CREATE FUNCTION task_events.relay_handler(events task_events.events[])
+	RETURNS void
+	AS 'MODULE_PATHNAME', 'relay_handler'
+	LANGUAGE C;
+
 INSERT INTO task_events.handlers (handler, function, description) VALUES
 	('analytics', 'task_events.analytics_handler(task_events.events[])',
 	 'Counts tasks created and completed per user, and completion times'),
 	('audit', 'task_events.audit_handler(task_events.events[])',
 	 'Records every event in task_events.audit_log'),
 	('notification', 'task_events.notification_handler(task_events.events[])',
-	 'Writes a message to the owner when a task is created or completed');
+	 'Writes a message to the owner when a task is created or completed'),
+	('relay', 'task_events.relay_handler(task_events.events[])',
+	 'Publishes events on the task_events channel when notify_mode is relay');
 
 CREATE FUNCTION task_events.process_pending(handler text DEFAULT NULL, max_events int DEFAULT 1000)
 	RETURNS bigint

@@ -26,6 +26,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "funcapi.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -123,8 +124,13 @@ te_call_handler(Oid function, Datum events, MemoryContext cxt, ErrorData **error
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
 
-		/* A cancel or statement_timeout stops the caller, as in PL/pgSQL. */
-		if ((*error)->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		/*
+		 * In a session (process_pending), a cancel or statement_timeout stops
+		 * the call, as in PL/pgSQL.  A worker has no caller to stop: there
+		 * it is a failed attempt like any other (e.g. a remote
+		 * statement_timeout reported by dblink, or pg_cancel_backend).
+		 */
+		if ((*error)->sqlerrcode == ERRCODE_QUERY_CANCELED && !IsBackgroundWorker)
 			ReThrowError(*error);
 		ok = false;
 	}

@@ -3,9 +3,11 @@
  *		Publishing events on the task_events NOTIFY channel.
  *
  * The envelope is {"event_type": ..., "event_data": <payload>, "timestamp":
- * <ISO 8601>, "seq": <seq>}.  NOTIFY queues it in the writing transaction,
- * so listeners see it at commit and never for a rolled-back transaction;
- * within a transaction, notifications arrive in the order queued (seq order).
+ * <ISO 8601>, "seq": <seq>}.  In notify_mode commit, NOTIFY queues it in
+ * the writing transaction, so listeners see it at commit and never for a
+ * rolled-back transaction; within a transaction, notifications arrive in the
+ * order queued (seq order).  In relay mode the relay handler
+ * (handler_relay.c) queues the same envelopes in its own transactions.
  *
  * Size: NOTIFY refuses payloads of 8000 bytes or more.  The largest payload
  * the argument limits allow is a 500-character title plus a 200-character
@@ -20,6 +22,7 @@
 #include "utils/json.h"
 
 #include "event_publish.h"
+#include "task_events.h"
 
 /* Build the envelope of one event, in the current memory context. */
 char *
@@ -39,10 +42,15 @@ te_event_envelope(const char *event_type, Jsonb *payload,
 	return buf.data;
 }
 
-/* Queue the NOTIFY of one appended event (ev->seq must be set). */
+/*
+ * Queue the NOTIFY of one appended event (ev->seq must be set), unless
+ * task_events.notify_mode leaves publishing to the relay handler, or off.
+ */
 void
 te_publish_event(const TaskEvent *ev)
 {
+	if (te_notify_mode != TE_NOTIFY_COMMIT)
+		return;
 	Async_Notify(TE_CHANNEL,
 				 te_event_envelope(ev->event_type, ev->payload,
 								   ev->occurred_at, ev->seq));

@@ -30,6 +30,14 @@ int			te_batch_size = 1000;
 int			te_max_attempts = 5;
 int			te_retry_delay_ms = 100;
 int			te_poll_interval_ms = 1000;
+int			te_notify_mode = TE_NOTIFY_COMMIT;
+
+static const struct config_enum_entry te_notify_mode_options[] = {
+	{"commit", TE_NOTIFY_COMMIT, false},
+	{"relay", TE_NOTIFY_RELAY, false},
+	{"off", TE_NOTIFY_OFF, false},
+	{NULL, 0, false}
+};
 
 TeSharedState *te_shared = NULL;
 
@@ -61,10 +69,28 @@ te_define_worker_gucs(void)
 							NULL, NULL, NULL);
 }
 
-/* Settings that also apply to process_pending() in any session. */
+/*
+ * Settings that apply in every session.  notify_mode defaults to relay when
+ * the workers run (the library is preloaded) and to commit otherwise, so
+ * that events are always published, and off the writers' commit path
+ * whenever there is a worker to do it.  It is server-wide (reload): writers
+ * and the relay handler must agree on who publishes, or events would be
+ * published twice or not at all.
+ */
 static void
 te_define_gucs(void)
 {
+	DefineCustomEnumVariable("task_events.notify_mode",
+							 "Who publishes events on the task_events channel: commit, relay or off.",
+							 "commit: the writing transaction, at its commit. relay: the relay handler, "
+							 "in the background workers, after the commit. off: nobody.",
+							 &te_notify_mode,
+							 process_shared_preload_libraries_in_progress ?
+							 TE_NOTIFY_RELAY : TE_NOTIFY_COMMIT,
+							 te_notify_mode_options,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
 	DefineCustomIntVariable("task_events.batch_size",
 							"Maximum number of events a handler receives in one batch.",
 							NULL,

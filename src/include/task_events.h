@@ -7,7 +7,16 @@
 /* Upper bound of task_events.worker_count. */
 #define TE_MAX_WORKERS 16
 
+/* Who publishes events on the NOTIFY channel (task_events.notify_mode). */
+typedef enum TeNotifyMode
+{
+	TE_NOTIFY_COMMIT,			/* the writing transaction, at its commit */
+	TE_NOTIFY_RELAY,			/* the relay handler, after the commit */
+	TE_NOTIFY_OFF				/* nobody */
+} TeNotifyMode;
+
 /* GUCs (task_events.c). */
+extern int	te_notify_mode;
 extern char *te_database;
 extern int	te_worker_count;
 extern int	te_batch_size;

@@ -1,0 +1,162 @@
+/*
+ * relay.sql: task_events.notify_mode decides who publishes.
+ *
+ * Rules protected (assertions are named after them):
+ *   - relay: the writing transaction publishes nothing; the relay handler
+ *     publishes each committed event once, with exactly the envelope commit
+ *     mode sends, in seq order, never a rolled-back event;
+ *   - relay: a transaction that wrote events can be prepared; its events
+ *     are published after COMMIT PREPARED and never after ROLLBACK PREPARED;
+ *   - off: nobody publishes, and the relay handler still moves past the
+ *     events (switching to relay later does not replay them);
+ *   - commit: the writer publishes and the relay handler does not publish
+ *     again.
+ *
+ * The mode is server-wide (reload), so this file switches it with ALTER
+ * SYSTEM from a separate connection and waits until the writer sees it; it
+ * runs the relay handler through the writer with process_pending('relay').
+ * It puts the setting back at the end.
+ */
+BEGIN ISOLATION LEVEL READ COMMITTED;	-- each statement must see the writer's commits
+
+SELECT plan(27);
+
+\ir lib/listener_harness.psql
+
+-- Switch notify_mode server-wide; true once the writer's session uses it.
+CREATE FUNCTION pg_temp.set_notify_mode(mode text) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+	deadline timestamptz := clock_timestamp() + interval '10 seconds';
+BEGIN
+	PERFORM dblink_exec('other', $q$LOAD 'task_events'$q$);	-- defines the setting there
+	IF mode IS NULL THEN
+		PERFORM dblink_exec('other', 'ALTER SYSTEM RESET task_events.notify_mode');
+	ELSE
+		PERFORM dblink_exec('other', format('ALTER SYSTEM SET task_events.notify_mode = %L', mode));
+	END IF;
+	PERFORM * FROM dblink('other', 'SELECT pg_reload_conf()') AS r(ok boolean);
+	LOOP
+		IF (SELECT m FROM dblink('writer', $q$SELECT current_setting('task_events.notify_mode')$q$)
+				AS r(m text)) = coalesce(mode, 'commit') THEN
+			RETURN true;
+		END IF;
+		IF clock_timestamp() >= deadline THEN
+			RETURN false;
+		END IF;
+		PERFORM pg_sleep(0.01);
+	END LOOP;
+END
+$$;
+
+-- Run the relay handler in the writer's session; returns the events it handled.
+CREATE FUNCTION pg_temp.relay() RETURNS bigint LANGUAGE sql AS $$
+	SELECT n FROM dblink('writer', $q$SELECT task_events.process_pending('relay')$q$) AS r(n bigint)
+$$;
+
+-- Move the relay handler past the events earlier files wrote (commit mode:
+-- it publishes nothing), so that only this file's events are relayed below.
+SELECT is((SELECT count(*) FROM dblink('writer',
+				$q$SELECT task_id FROM task_events.create_task('pgtap-relay', 'Load the library')$q$)
+				AS r(task_id uuid)),
+	1::bigint, 'fixture: the writer''s session has the library loaded');
+SELECT ok(pg_temp.set_notify_mode('commit'), 'fixture: notify_mode is commit');
+SELECT ok(pg_temp.relay() >= 0, 'fixture: the relay handler is past every earlier event');
+
+------------------------------------------------------------------------------
+-- relay
+------------------------------------------------------------------------------
+
+SELECT ok(pg_temp.set_notify_mode('relay'), 'notify_mode relay is loaded by the writer''s session');
+
+DO $$
+BEGIN
+	PERFORM pg_temp.w_create('single', 'pgtap-relay', 'Relayed: "quoted", back\slash');
+END
+$$;
+SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+SELECT is(pg_temp.n_got('{single}'), 0::bigint,
+	'relay: a committed create_task publishes nothing from the writing transaction');
+
+SELECT is(pg_temp.relay(), 1::bigint, 'relay: the relay handler handles the committed event');
+SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+SELECT is(pg_temp.got('{single}'), pg_temp.want('{single}'),
+	'relay: the relay handler publishes exactly the envelope commit mode sends, once');
+
+DO $$
+BEGIN
+	PERFORM dblink_exec('writer', 'BEGIN');
+	PERFORM pg_temp.w_create('multi', 'pgtap-relay', 'Four events, one transaction');
+	PERFORM pg_temp.w_start_and_complete('multi');
+	PERFORM dblink_exec('writer', 'COMMIT');
+	PERFORM dblink_exec('writer', 'BEGIN');
+	PERFORM pg_temp.w_create('rolled_back', 'pgtap-relay', 'Rolled back, never relayed');
+	PERFORM dblink_exec('writer', 'ROLLBACK');
+END
+$$;
+SELECT is(pg_temp.relay(), 4::bigint, 'relay: the relay handler handles the four committed events');
+SELECT is(pg_temp.relay(), 0::bigint, 'relay: a second run finds nothing left');
+SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+SELECT is(pg_temp.got('{multi,single}'), pg_temp.want('{multi,single}'),
+	'relay: every committed event is published once, in seq order, each exactly its envelope');
+SELECT is(pg_temp.n_got('{rolled_back}'), 0::bigint, 'relay: a rolled-back event is never published');
+
+------------------------------------------------------------------------------
+-- relay with two-phase commit
+------------------------------------------------------------------------------
+
+DO $$
+BEGIN
+	PERFORM dblink_exec('writer', 'BEGIN');
+	PERFORM pg_temp.w_create('prepared_committed', 'pgtap-relay', 'Prepared, then committed');
+	PERFORM dblink_exec('writer', $q$PREPARE TRANSACTION 'te_relay_commit'$q$);
+	PERFORM dblink_exec('writer', 'BEGIN');
+	PERFORM pg_temp.w_create('prepared_rolled_back', 'pgtap-relay', 'Prepared, then rolled back');
+	PERFORM dblink_exec('writer', $q$PREPARE TRANSACTION 'te_relay_rollback'$q$);
+END
+$$;
+SELECT is_empty($$SELECT label, step, error FROM call_errors WHERE label LIKE 'prepared%'$$,
+	'relay: a transaction that wrote events can be prepared');
+SELECT is(pg_temp.relay(), 0::bigint, 'relay: prepared events are not handled before COMMIT PREPARED');
+SELECT is(dblink_exec('other', $q$COMMIT PREPARED 'te_relay_commit'$q$), 'COMMIT PREPARED',
+	'fixture: COMMIT PREPARED');
+SELECT is(dblink_exec('other', $q$ROLLBACK PREPARED 'te_relay_rollback'$q$), 'ROLLBACK PREPARED',
+	'fixture: ROLLBACK PREPARED');
+SELECT is(pg_temp.relay(), 1::bigint, 'relay: the committed prepared event is handled');
+SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+SELECT ok(pg_temp.got('{prepared_committed}') = pg_temp.want('{prepared_committed}')
+		  AND pg_temp.n_got('{prepared_rolled_back}') = 0,
+	'relay: COMMIT PREPARED events are published exactly, ROLLBACK PREPARED ones never');
+
+------------------------------------------------------------------------------
+-- off, then commit
+------------------------------------------------------------------------------
+
+SELECT ok(pg_temp.set_notify_mode('off'), 'notify_mode off is loaded by the writer''s session');
+DO $$
+BEGIN
+	PERFORM pg_temp.w_create('off', 'pgtap-relay', 'Never published');
+END
+$$;
+SELECT is(pg_temp.relay(), 1::bigint, 'off: the relay handler moves past the event');
+
+SELECT ok(pg_temp.set_notify_mode(NULL), 'notify_mode is back to its default, commit');
+DO $$
+BEGIN
+	PERFORM pg_temp.w_create('commit', 'pgtap-relay', 'Published by the writer');
+END
+$$;
+SELECT is(pg_temp.relay(), 1::bigint, 'commit: the relay handler moves past the event');
+SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+SELECT ok(pg_temp.n_got('{off}') = 0 AND pg_temp.got('{commit}') = pg_temp.want('{commit}'),
+	'off publishes nothing, not even later; commit publishes once, from the writer only');
+
+DO $$
+BEGIN
+	PERFORM dblink_disconnect('listener');
+	PERFORM dblink_disconnect('writer');
+	PERFORM dblink_disconnect('other');
+END
+$$;
+
+SELECT * FROM finish();
+ROLLBACK;
