@@ -12,6 +12,9 @@
 # Environment:
 #   TE_SUITE_TIMEOUT  time limit per suite, as for timeout(1) (default 20m)
 #   TE_KEEP_TMP=1     keep the temporary copy even when everything passed
+#   TE_ONLY           run only these suites after the build, e.g. "pgTAP TAP"
+#   TE_TAP            run only the TAP files whose names match these globs,
+#                     e.g. "004* 01*" (for working on one test; CI sets neither)
 # The suites are called through run_suite, which shellcheck cannot follow.
 # shellcheck disable=SC2317
 set -euo pipefail
@@ -200,7 +203,15 @@ suite_tap() {
 	local -a files
 	local name out=$WORK/tap.out rc
 	shopt -s nullglob
-	files=("$COPY"/test/t/*.pl)
+	if [[ -n ${TE_TAP:-} ]]; then
+		local glob
+		files=()
+		for glob in $TE_TAP; do
+			files+=("$COPY"/test/t/$glob.pl)
+		done
+	else
+		files=("$COPY"/test/t/*.pl)
+	fi
 	shopt -u nullglob
 	if ((${#files[@]} == 0)); then
 		echo "no TAP tests yet (test/t/*.pl): skipped"
@@ -242,11 +253,12 @@ if [[ ${SUITE_RESULTS[-1]} == PASS ]]; then
 	rm -rf -- "$COPY"/{tmp_check,tmp_check_iso,results,output_iso,log} \
 		"$COPY"/regression.{diffs,out} "$COPY/test/tmp_check"
 	pg_temp_chown "$WORK"
-	run_suite pg_regress suite_regress
-	run_suite isolation suite_isolation
-	run_suite pgTAP suite_pgtap
-	run_suite TAP suite_tap
-	run_suite bench-smoke suite_bench
+	for s in pg_regress:suite_regress isolation:suite_isolation pgTAP:suite_pgtap \
+		TAP:suite_tap bench-smoke:suite_bench; do
+		if [[ -z ${TE_ONLY:-} || " $TE_ONLY " == *" ${s%%:*} "* ]]; then
+			run_suite "${s%%:*}" "${s#*:}"
+		fi
+	done
 else
 	for s in pg_regress isolation pgTAP TAP bench-smoke; do
 		not_run "$s" "build failed"

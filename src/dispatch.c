@@ -248,7 +248,7 @@ te_window_min_seq(HandlerState *st, Datum end)
 	Datum		min_seq;
 	bool		isnull;
 
-	te_prepare_kept(&te_window_plan,
+	te_prepare_kept_custom(&te_window_plan,
 					"SELECT pg_catalog.min(e.seq) FROM task_events.events e"
 					" WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin($1)"
 					"   AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
@@ -511,7 +511,7 @@ te_fetch_batch(HandlerState *st, int max_events, Datum *batch, int64 *max_seq)
 	bool		isnull;
 	int64		count;
 
-	te_prepare_kept(&te_batch_plan,
+	te_prepare_kept_custom(&te_batch_plan,
 					"SELECT pg_catalog.array_agg(b.e ORDER BY (b.e).seq), pg_catalog.count(*),"
 					"       pg_catalog.max((b.e).seq)"
 					" FROM (SELECT e FROM task_events.events e"

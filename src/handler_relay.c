@@ -28,11 +28,44 @@
 #include "event_publish.h"
 #include "task_events.h"
 
-/* Column numbers in task_events.events, as created by the install script. */
-#define TE_EVENTS_SEQ			1
-#define TE_EVENTS_EVENT_TYPE	3
-#define TE_EVENTS_OCCURRED_AT	7
-#define TE_EVENTS_PAYLOAD		9
+/*
+ * Column number of "name" in the row type; looked up by name so that a
+ * column added by a later version cannot shift what is read.
+ */
+static AttrNumber
+te_attnum(TupleDesc desc, const char *name)
+{
+	int			i;
+
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute attr = TupleDescAttr(desc, i);
+
+		if (!attr->attisdropped && strcmp(NameStr(attr->attname), name) == 0)
+			return attr->attnum;
+	}
+	elog(ERROR, "task_events.events has no column \"%s\"", name);
+	return InvalidAttrNumber;	/* keep compiler quiet */
+}
+
+/*
+ * The value of a column that an envelope needs.  Rows read from the table
+ * are never NULL there, but the function can be called with a hand-built
+ * array.
+ */
+static Datum
+te_required_attr(HeapTuple tuple, AttrNumber attnum, TupleDesc desc)
+{
+	bool		isnull;
+	Datum		value = heap_getattr(tuple, attnum, desc, &isnull);
+
+	if (isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("event column \"%s\" must not be null",
+						NameStr(TupleDescAttr(desc, attnum - 1)->attname))));
+	return value;
+}
 
 PG_FUNCTION_INFO_V1(relay_handler);
 Datum
@@ -46,6 +79,10 @@ relay_handler(PG_FUNCTION_ARGS)
 	Datum	   *events;
 	int			nevents;
 	TupleDesc	desc;
+	AttrNumber	seq_att;
+	AttrNumber	type_att;
+	AttrNumber	occurred_att;
+	AttrNumber	payload_att;
 	int			i;
 
 	if (PG_ARGISNULL(0) || te_notify_mode != TE_NOTIFY_RELAY)
@@ -57,6 +94,10 @@ relay_handler(PG_FUNCTION_ARGS)
 	deconstruct_array(batch, event_type, typlen, typbyval, typalign,
 					  &events, NULL, &nevents);
 	desc = lookup_rowtype_tupdesc(event_type, -1);
+	seq_att = te_attnum(desc, "seq");
+	type_att = te_attnum(desc, "event_type");
+	occurred_att = te_attnum(desc, "occurred_at");
+	payload_att = te_attnum(desc, "payload");
 
 	for (i = 0; i < nevents; i++)
 	{
@@ -66,16 +107,15 @@ relay_handler(PG_FUNCTION_ARGS)
 		Datum		payload;
 		Datum		occurred_at;
 		Datum		seq;
-		bool		isnull;
 
 		tuple.t_len = HeapTupleHeaderGetDatumLength(header);
 		ItemPointerSetInvalid(&tuple.t_self);
 		tuple.t_tableOid = InvalidOid;
 		tuple.t_data = header;
-		type = heap_getattr(&tuple, TE_EVENTS_EVENT_TYPE, desc, &isnull);
-		payload = heap_getattr(&tuple, TE_EVENTS_PAYLOAD, desc, &isnull);
-		occurred_at = heap_getattr(&tuple, TE_EVENTS_OCCURRED_AT, desc, &isnull);
-		seq = heap_getattr(&tuple, TE_EVENTS_SEQ, desc, &isnull);
+		type = te_required_attr(&tuple, type_att, desc);
+		payload = te_required_attr(&tuple, payload_att, desc);
+		occurred_at = te_required_attr(&tuple, occurred_att, desc);
+		seq = te_required_attr(&tuple, seq_att, desc);
 
 		Async_Notify(TE_CHANNEL,
 					 te_event_envelope(TextDatumGetCString(type), DatumGetJsonbP(payload),

@@ -66,6 +66,21 @@ te_end_work(void)
 }
 
 /*
+ * Reread the configuration if a reload was signalled.  Checked before each
+ * handler's batch, so that a new retry_delay or batch_size applies from the
+ * next batch on, not from the next round.
+ */
+static void
+te_reload_config_if_pending(void)
+{
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+}
+
+/*
  * The enabled handlers, copied into cxt; NIL when the extension is not
  * installed in this database (the worker then waits for it quietly).
  */
@@ -109,6 +124,7 @@ te_run_round(MemoryContext cxt, TimestampTz *next_retry)
 		BatchOutcome outcome;
 
 		CHECK_FOR_INTERRUPTS();
+		te_reload_config_if_pending();
 		snprintf(activity, sizeof(activity), "handling events: %s", handler);
 		te_begin_work(activity);
 		(void) te_run_handler_batch(handler, te_batch_size, &outcome);
@@ -178,11 +194,7 @@ te_worker_main(Datum main_arg)
 
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		te_reload_config_if_pending();
 
 		more = te_run_round(round_cxt, &next_retry);
 		MemoryContextReset(round_cxt);

@@ -7,10 +7,10 @@
 
 extern void te_prepare_kept(SPIPlanPtr *plan, const char *sql,
 							int nargs, const Oid *argtypes);
+extern void te_prepare_kept_custom(SPIPlanPtr *plan, const char *sql,
+								   int nargs, const Oid *argtypes);
 extern void te_execute_kept(SPIPlanPtr plan, Datum *values, const char *nulls,
 							int expected_ret);
-
-#endif
 
 /*
  * A kept plan of a built-in handler: a statement over the handler's batch
@@ -24,3 +24,5 @@ typedef struct HandlerPlan
 } HandlerPlan;
 
 extern void te_handler_exec(FunctionCallInfo fcinfo, HandlerPlan *hp, const char *sql);
+
+#endif

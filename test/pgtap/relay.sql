@@ -19,7 +19,7 @@
  */
 BEGIN ISOLATION LEVEL READ COMMITTED;	-- each statement must see the writer's commits
 
-SELECT plan(27);
+SELECT plan(30);
 
 \ir lib/listener_harness.psql
 
@@ -126,6 +126,20 @@ SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything commi
 SELECT ok(pg_temp.got('{prepared_committed}') = pg_temp.want('{prepared_committed}')
 		  AND pg_temp.n_got('{prepared_rolled_back}') = 0,
 	'relay: COMMIT PREPARED events are published exactly, ROLLBACK PREPARED ones never');
+
+------------------------------------------------------------------------------
+-- relay with a hand-built batch: a NULL column is an error, not a crash
+------------------------------------------------------------------------------
+
+SELECT throws_ok($$SELECT * FROM dblink('writer', $q$SELECT task_events.relay_handler(ARRAY[ROW(1,
+		gen_random_uuid(), NULL, 1, gen_random_uuid(), 1, now(), 'u', '{}', '1')::task_events.events])$q$)
+		AS r(x text)$$,
+	'22004', NULL, 'relay: a hand-built event with a NULL event_type is refused with 22004');
+SELECT throws_ok($$SELECT * FROM dblink('writer', $q$SELECT task_events.relay_handler(ARRAY[ROW(1,
+		gen_random_uuid(), 'TaskCreated', 1, gen_random_uuid(), 1, now(), 'u', NULL, '1')::task_events.events])$q$)
+		AS r(x text)$$,
+	'22004', NULL, 'relay: a hand-built event with a NULL payload is refused with 22004');
+SELECT is(pg_temp.relay(), 0::bigint, 'relay: the writer''s backend survived the hand-built batches');
 
 ------------------------------------------------------------------------------
 -- off, then commit

@@ -210,23 +210,27 @@ my $behind = $node->safe_psql('postgres',
 	q{SELECT task_id FROM task_events.create_task('alice', 'behind the poison')});
 for my $attempt (1, 2)
 {
-	my $delay = 1000 * 2**($attempt - 1);
 	ok( $node->poll_query_until(
 			'postgres', qq{
-			SELECT retry_attempts = $attempt FROM task_events.handler_status
+			SELECT retry_attempts >= $attempt FROM task_events.handler_status
 			WHERE handler = 'poison'}),
 		"the poison handler is backing off after attempt $attempt");
-	my $ms = $node->safe_psql(
+	# The attempt count and the delay come from one row: on a slow machine
+	# the handler may already be one attempt further than polled for.
+	my ($seen, $ms) = split /\|/, $node->safe_psql(
 		'postgres', q{
-		SELECT round(1000 * extract(epoch FROM retry_at - last_error_at))
+		SELECT retry_attempts, round(1000 * extract(epoch FROM retry_at - last_error_at))
 		FROM task_events.handler_status WHERE handler = 'poison'});
+	$seen ||= 3;    # already dead-lettered: checked below
+	next if $seen == 3;
+	my $delay = 1000 * 2**($seen - 1);
 	ok($ms > 0.75 * $delay && $ms <= $delay + 1,
-		"after attempt $attempt the next attempt is due after about $delay ms ($ms ms)");
+		"after attempt $seen the next attempt is due after about $delay ms ($ms ms)");
 	is( $node->safe_psql(
 			'postgres',
 			"SELECT count(*) FROM public.poison_seen WHERE aggregate_id = '$behind'"),
 		0,
-		"after attempt $attempt the events behind the failing one wait");
+		"after attempt $seen the events behind the failing one wait");
 }
 ok( $node->poll_query_until(
 		'postgres', qq{
