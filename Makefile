@@ -25,7 +25,7 @@ OBJS = \
 	src/handler_relay.o \
 	src/worker.o
 
-DATA = task_events--1.0.sql
+DATA = $(wildcard task_events--*.sql)
 
 PG_CPPFLAGS = -I$(srcdir)/src/include
 # Warning-free under -Wall -Wextra; the two -Wno- flags silence warnings that
@@ -34,7 +34,7 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 SHLIB_LINK = -luuid
 
 # pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
-REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry
+REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry security
 REGRESS_OPTS = --temp-instance=tmp_check --temp-config=$(srcdir)/test/regress.conf \
 	--encoding=UTF8 --no-locale
 

@@ -1,4 +1,11 @@
-/* task_events--1.0.sql: the task domain, its immutable event log and the write functions */
+/*
+ * task_events--1.0.sql: the task domain, its immutable event log, the write
+ * functions, the handlers, and the privileges (README, "Security").
+ *
+ * Every function runs with search_path = pg_catalog, pg_temp (set on the
+ * function) except process_pending, which runs the handlers in the caller's
+ * session; every name and operator in SQL bodies is schema-qualified.
+ */
 
 \echo Use "CREATE EXTENSION task_events" to load this file. \quit
 
@@ -25,7 +32,7 @@ CREATE SEQUENCE task_events.events_seq_seq AS bigint;
  * already showed them (see README, "Commit-safe reading").
  */
 CREATE TABLE task_events.events (
-	seq bigint PRIMARY KEY DEFAULT nextval('task_events.events_seq_seq'),
+	seq bigint PRIMARY KEY DEFAULT pg_catalog.nextval('task_events.events_seq_seq'::pg_catalog.regclass),
 	event_id uuid UNIQUE NOT NULL,
 	event_type text NOT NULL,
 	event_version int NOT NULL,
@@ -47,7 +54,8 @@ SELECT pg_catalog.pg_extension_config_dump('task_events.events_seq_seq', '');
 CREATE FUNCTION task_events.refuse_modification()
 	RETURNS trigger
 	AS 'MODULE_PATHNAME', 'refuse_modification'
-	LANGUAGE C;
+	LANGUAGE C
+	SET search_path = pg_catalog, pg_temp;
 
 CREATE TRIGGER events_append_only
 	BEFORE UPDATE OR DELETE OR TRUNCATE ON task_events.events
@@ -57,23 +65,27 @@ ALTER TABLE task_events.events ENABLE ALWAYS TRIGGER events_append_only;
 CREATE FUNCTION task_events.create_task(user_id text, title text, description text DEFAULT NULL)
 	RETURNS task_events.tasks
 	AS 'MODULE_PATHNAME', 'create_task'
-	LANGUAGE C VOLATILE;
+	LANGUAGE C VOLATILE SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION task_events.update_status(task_id uuid, new_status task_events.task_status,
 										  expected_version bigint DEFAULT NULL)
 	RETURNS task_events.tasks
 	AS 'MODULE_PATHNAME', 'update_status'
-	LANGUAGE C VOLATILE;
+	LANGUAGE C VOLATILE SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION task_events.complete_task(task_id uuid, expected_version bigint DEFAULT NULL)
 	RETURNS task_events.tasks
 	AS 'MODULE_PATHNAME', 'complete_task'
-	LANGUAGE C VOLATILE;
+	LANGUAGE C VOLATILE SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION task_events.task_history(task_id uuid)
 	RETURNS SETOF task_events.events
 	AS 'MODULE_PATHNAME', 'task_history'
-	LANGUAGE C STABLE;
+	LANGUAGE C STABLE SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp;
 
 /* Readers find the events of recent transactions by xact_id (commit_horizon.c). */
 CREATE INDEX events_xact_id_idx ON task_events.events (xact_id);
@@ -85,7 +97,7 @@ CREATE INDEX events_occurred_at_idx ON task_events.events USING brin (occurred_a
  * order), run by the background workers or by process_pending().
  */
 CREATE TABLE task_events.handlers (
-	handler text PRIMARY KEY CHECK (handler ~ '^[a-z][a-z0-9_]*$'),
+	handler text PRIMARY KEY CHECK (handler OPERATOR(pg_catalog.~) '^[a-z][a-z0-9_]*$'),
 	function regprocedure NOT NULL,
 	enabled boolean NOT NULL DEFAULT true,
 	description text
@@ -124,7 +136,7 @@ CREATE TRIGGER handlers_check_function
  */
 CREATE TABLE task_events.handler_state (
 	handler text PRIMARY KEY REFERENCES task_events.handlers ON DELETE CASCADE,
-	window_start pg_snapshot NOT NULL DEFAULT '1:1:',
+	window_start pg_snapshot NOT NULL DEFAULT '1:1:'::pg_catalog.pg_snapshot,
 	window_end pg_snapshot,
 	window_seq bigint NOT NULL DEFAULT 0,
 	last_seq bigint NOT NULL DEFAULT 0,
@@ -159,7 +171,7 @@ CREATE TABLE task_events.dead_letters (
 CREATE SEQUENCE task_events.notifications_notification_id_seq AS bigint;
 CREATE TABLE task_events.notifications (
 	notification_id bigint PRIMARY KEY
-		DEFAULT nextval('task_events.notifications_notification_id_seq'),
+		DEFAULT pg_catalog.nextval('task_events.notifications_notification_id_seq'::pg_catalog.regclass),
 	event_id uuid UNIQUE NOT NULL,
 	user_id text NOT NULL,
 	message text NOT NULL,
@@ -196,6 +208,12 @@ CREATE TRIGGER audit_log_append_only
 	FOR EACH STATEMENT EXECUTE FUNCTION task_events.refuse_modification();
 ALTER TABLE task_events.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
 
+/*
+ * Handlers registered by users are dumped; the built-in ones are created by
+ * CREATE EXTENSION in the restored database.
+ */
+SELECT pg_catalog.pg_extension_config_dump('task_events.handlers',
+	'WHERE handler NOT IN (''analytics'', ''audit'', ''notification'', ''relay'')');
 SELECT pg_catalog.pg_extension_config_dump('task_events.handler_state', '');
 SELECT pg_catalog.pg_extension_config_dump('task_events.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('task_events.notifications', '');
@@ -207,22 +225,26 @@ SELECT pg_catalog.pg_extension_config_dump('task_events.audit_log', '');
 CREATE FUNCTION task_events.notification_handler(events task_events.events[])
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'notification_handler'
-	LANGUAGE C;
+	LANGUAGE C
+	SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION task_events.analytics_handler(events task_events.events[])
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'analytics_handler'
-	LANGUAGE C;
+	LANGUAGE C
+	SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION task_events.audit_handler(events task_events.events[])
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'audit_handler'
-	LANGUAGE C;
+	LANGUAGE C
+	SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION task_events.relay_handler(events task_events.events[])
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'relay_handler'
-	LANGUAGE C;
+	LANGUAGE C
+	SET search_path = pg_catalog, pg_temp;
 
 INSERT INTO task_events.handlers (handler, function, description) VALUES
 	('analytics', 'task_events.analytics_handler(task_events.events[])',
@@ -234,6 +256,14 @@ INSERT INTO task_events.handlers (handler, function, description) VALUES
 	('relay', 'task_events.relay_handler(task_events.events[])',
 	 'Publishes events on the task_events channel when notify_mode is relay');
 
+/*
+ * Admin functions: superusers (and the owner) only, SECURITY INVOKER, so
+ * that granting EXECUTE alone gives nobody the right to run handlers as
+ * someone else.  process_pending keeps the caller's search_path on purpose:
+ * it runs the registered handlers in the caller's session, as a worker would
+ * run them in its own; its own queries (dispatch.c) qualify every name and
+ * operator, and the built-in handlers set their search_path themselves.
+ */
 CREATE FUNCTION task_events.process_pending(handler text DEFAULT NULL, max_events int DEFAULT 1000)
 	RETURNS bigint
 	AS 'MODULE_PATHNAME', 'process_pending'
@@ -242,11 +272,18 @@ CREATE FUNCTION task_events.process_pending(handler text DEFAULT NULL, max_event
 CREATE FUNCTION task_events.retry_dead_letters(handler text DEFAULT NULL)
 	RETURNS bigint
 	AS 'MODULE_PATHNAME', 'retry_dead_letters'
-	LANGUAGE C VOLATILE;
+	LANGUAGE C VOLATILE
+	SET search_path = pg_catalog, pg_temp;
 
-/* How many events a handler has not handled yet, and the oldest one's time. */
+/*
+ * How many events a handler has not handled yet, and the oldest one's time.
+ * SECURITY DEFINER: handler_status calls it as the reading role, which may
+ * not read handler_state.
+ */
 CREATE FUNCTION task_events.handler_backlog(handler text,
 	OUT events_behind bigint, OUT oldest_unhandled timestamptz)
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
 	AS $$
 	SELECT pg_catalog.count(*), pg_catalog.min(e.occurred_at)
 	FROM (SELECT COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot) AS ws,
@@ -298,3 +335,58 @@ GROUP BY e.event_type;
 
 COMMENT ON TABLE task_events.tasks IS 'Current state of each task; written only by the task_events functions';
 COMMENT ON TABLE task_events.events IS 'Append-only log of domain events, one row per event';
+
+/*
+ * Privileges (README, "Security").  Two group roles, created here unless
+ * they exist: roles are cluster-wide, shared by every database that has the
+ * extension, and DROP EXTENSION leaves them.  PUBLIC gets nothing; writes go
+ * only through the SECURITY DEFINER write functions.
+ */
+DO $$
+DECLARE
+	r text;
+BEGIN
+	FOREACH r IN ARRAY '{task_events_writer,task_events_reader}'::pg_catalog.text[] LOOP
+		IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) r) THEN
+			BEGIN
+				EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+			EXCEPTION WHEN duplicate_object OR unique_violation THEN
+				NULL;			/* created meanwhile, for another database */
+			END;
+		END IF;
+	END LOOP;
+END
+$$;
+
+REVOKE ALL ON SCHEMA task_events FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA task_events FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA task_events FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA task_events FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA task_events TO task_events_writer, task_events_reader;
+
+/* Writers: the write functions, the tasks they return, and a task's history. */
+GRANT EXECUTE ON FUNCTION
+	task_events.create_task(text, text, text),
+	task_events.update_status(uuid, task_events.task_status, bigint),
+	task_events.complete_task(uuid, bigint),
+	task_events.task_history(uuid)
+	TO task_events_writer;
+GRANT SELECT ON task_events.tasks TO task_events_writer;
+
+/* Readers: tasks, events, the handlers' outputs and the monitoring views. */
+GRANT SELECT ON
+	task_events.tasks,
+	task_events.events,
+	task_events.notifications,
+	task_events.analytics_counters,
+	task_events.completion_stats,
+	task_events.audit_log,
+	task_events.dead_letters,
+	task_events.handler_status,
+	task_events.event_rates
+	TO task_events_reader;
+GRANT EXECUTE ON FUNCTION
+	task_events.task_history(uuid),
+	task_events.handler_backlog(text)
+	TO task_events_reader;

@@ -204,9 +204,10 @@ suite_tap() {
 	local name out=$WORK/tap.out rc
 	shopt -s nullglob
 	if [[ -n ${TE_TAP:-} ]]; then
-		local glob
+		local glob globs
+		read -ra globs <<<"$TE_TAP"
 		files=()
-		for glob in $TE_TAP; do
+		for glob in "${globs[@]}"; do
 			files+=("$COPY"/test/t/$glob.pl)
 		done
 	else

@@ -78,7 +78,7 @@ task_history(PG_FUNCTION_ARGS)
 	SPI_connect();
 	te_prepare_kept(&te_history_plan,
 					"SELECT * FROM task_events.events"
-					" WHERE aggregate_id = $1 ORDER BY aggregate_version",
+					" WHERE aggregate_id OPERATOR(pg_catalog.=) $1 ORDER BY aggregate_version",
 					lengthof(argtypes), argtypes);
 	values[0] = PG_GETARG_DATUM(0);
 	if (SPI_execute_plan(te_history_plan, values, NULL, true, 0) != SPI_OK_SELECT)

@@ -28,7 +28,7 @@ analytics_handler(PG_FUNCTION_ARGS)
 	SPI_connect();
 	te_handler_exec(fcinfo, &te_counters_plan,
 					"INSERT INTO task_events.analytics_counters AS c (metric, user_id, value)"
-					" SELECT CASE e.event_type WHEN 'TaskCreated' THEN 'tasks_created'"
+					" SELECT CASE WHEN e.event_type OPERATOR(pg_catalog.=) 'TaskCreated' THEN 'tasks_created'"
 					"        ELSE 'tasks_completed' END, e.user_id, pg_catalog.count(*)"
 					" FROM pg_catalog.unnest($1) AS e"
 					" WHERE e.event_type OPERATOR(pg_catalog.=) ANY ('{TaskCreated,TaskCompleted}'::pg_catalog.text[])"

@@ -28,8 +28,7 @@ notification_handler(PG_FUNCTION_ARGS)
 	te_handler_exec(fcinfo, &te_notification_plan,
 					"INSERT INTO task_events.notifications (event_id, user_id, message, created_at)"
 					" SELECT e.event_id, e.user_id,"
-					"        CASE e.event_type"
-					"          WHEN 'TaskCreated' THEN 'New task created: '"
+					"        CASE WHEN e.event_type OPERATOR(pg_catalog.=) 'TaskCreated' THEN 'New task created: '"
 					"          ELSE 'Congratulations! Task completed: ' END"
 					"        OPERATOR(pg_catalog.||) (e.payload OPERATOR(pg_catalog.->>) 'task_title'),"
 					"        pg_catalog.clock_timestamp()"

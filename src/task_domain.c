@@ -189,8 +189,8 @@ te_change_status(FunctionCallInfo fcinfo, pg_uuid_t *task_id, TaskStatus new_sta
 
 	SPI_connect();
 	te_prepare_kept(&te_lock_task_plan,
-					"SELECT status::text, version, user_id, title"
-					" FROM task_events.tasks WHERE task_id = $1 FOR UPDATE",
+					"SELECT status::pg_catalog.text, version, user_id, title"
+					" FROM task_events.tasks WHERE task_id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
 					lengthof(lock_types), lock_types);
 	values[0] = UUIDPGetDatum(task_id);
 	te_execute_kept(te_lock_task_plan, values, NULL, SPI_OK_SELECT);
@@ -235,7 +235,7 @@ te_change_status(FunctionCallInfo fcinfo, pg_uuid_t *task_id, TaskStatus new_sta
 					"UPDATE task_events.tasks"
 					" SET status = $2::task_events.task_status, version = $3,"
 					"     updated_at = $4, completed_at = $5"
-					" WHERE task_id = $1 RETURNING *",
+					" WHERE task_id OPERATOR(pg_catalog.=) $1 RETURNING *",
 					lengthof(update_types), update_types);
 	values[0] = UUIDPGetDatum(task_id);
 	values[1] = CStringGetTextDatum(te_status_labels[new_status]);
