@@ -6,7 +6,7 @@
  * is preloaded.  With shared_preload_libraries = 'task_events', _PG_init
  * also reserves the shared state (the workers' latches) and registers
  * task_events.worker_count workers that run the event handlers in the
- * database named by task_events.database.
+ * database named by task_events.database, as task_events.worker_role.
  */
 #include "postgres.h"
 
@@ -25,6 +25,7 @@ PG_MODULE_MAGIC;
 void		_PG_init(void);
 
 char	   *te_database = NULL;
+char	   *te_worker_role = NULL;
 int			te_worker_count = 1;
 int			te_batch_size = 1000;
 int			te_max_attempts = 5;
@@ -56,6 +57,15 @@ te_define_worker_gucs(void)
 							   NULL,
 							   &te_database,
 							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("task_events.worker_role",
+							   "Role the background workers connect as, and so run the handlers as.",
+							   "Empty means the bootstrap superuser. The role needs LOGIN, CONNECT on "
+							   "task_events.database, and the privileges every enabled handler needs.",
+							   &te_worker_role,
+							   "",
 							   PGC_POSTMASTER,
 							   0,
 							   NULL, NULL, NULL);

@@ -7,7 +7,9 @@
 #   built-in handlers wrote against what task_events.events implies, as a list
 #   of differences (empty when everything matches);
 # - pgbench_script / start_pgbench / start_pgbench_loop / stop_pgbench: the
-#   write load (create a task, move it, roll back some transactions).
+#   write load (create a task, move it, roll back some transactions);
+# - log_position / log_since / log_grep: the server log from a point on;
+# - worker_loops_quietly: the same workers keep looping for a while.
 package TaskEventsTest;
 
 use strict;
@@ -23,7 +25,7 @@ our @EXPORT = qw(
   te_node worker_pids wait_for_workers wait_caught_up
   handler_mismatches handlers_match
   pgbench_script start_pgbench start_pgbench_loop stop_pgbench
-  create_tasks log_position log_since
+  create_tasks log_position log_since log_grep worker_loops_quietly
 );
 
 our $PRELOAD = "shared_preload_libraries = 'task_events'";
@@ -362,6 +364,32 @@ sub log_since
 	my ($node, $offset) = @_;
 	my $log = PostgreSQL::Test::Utils::slurp_file($node->logfile);
 	return substr($log, $offset);
+}
+
+# The lines of the server log from offset on that match the regexp re.
+sub log_grep
+{
+	my ($node, $offset, $re) = @_;
+	return grep { /$re/ } split /\n/, log_since($node, $offset);
+}
+
+# Poll until the n task_events workers (in any database, or none) have
+# changed state at least ms milliseconds after this call started, that is
+# are still going round their loop; returns their pids, sorted (dies on
+# timeout).  Together with the pids from before, this shows whether they
+# were restarted in between.
+sub worker_loops_quietly
+{
+	my ($node, $n, $ms, $what) = @_;
+	my $mark = $node->safe_psql('postgres', 'SELECT clock_timestamp()');
+	$node->poll_query_until(
+		'postgres', qq{
+		SELECT count(*) = $n FROM pg_stat_activity
+		WHERE backend_type = 'task_events worker'
+		  AND state_change > '$mark'::timestamptz + interval '$ms ms'})
+	  or die "timed out waiting for $n task_events worker(s) to loop for $ms ms"
+	  . ($what ? " ($what)" : '');
+	return worker_pids($node);
 }
 
 1;

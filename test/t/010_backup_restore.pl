@@ -1,0 +1,287 @@
+# Rules protected here: pg_dump / pg_restore of a database that uses
+# task_events is a complete backup of it.
+# - The restore (CREATE EXTENSION comes from the dump) reproduces, exactly,
+#   the tasks, the event log, the handlers' outputs, their positions
+#   (handler_state), the dead letters and the sequences: new events continue
+#   after the highest seq.
+# - After the restore into the same cluster, handling resumes exactly where
+#   the source stood: the events the source had not handled yet (a disabled
+#   handler's backlog) and new events are handled once, and no event handled
+#   before the dump is handled again (handler_mismatches, and each handler's
+#   processed count grows by exactly the events it had left).
+# - A user-registered handler (row of task_events.handlers) is in the dump
+#   (the built-in ones come from CREATE EXTENSION): a plain pg_restore
+#   restores it, its position and its dead letters.
+# - Into ANOTHER cluster: handler positions are snapshots of the source
+#   cluster's transaction ids, and events.xact_id holds the source's ids.
+#   Restored into a cluster whose transaction counter is ahead of the
+#   source's, everything resumes exactly (a worker pointed at the restored
+#   database shows it).  Into a cluster that is BEHIND, events written after
+#   the restore look already handled to every handler and are never handled,
+#   and the source's backlog waits until the counter catches up (TODO tests;
+#   see docs/operations.md, "Backup and restore"); a worker serving such a
+#   database logs a WARNING saying so.
+use strict;
+use warnings FATAL => 'all';
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use TaskEventsTest;
+
+my $CONF = "task_events.poll_interval = 100ms\n"
+  . "task_events.max_attempts = 2\n"
+  . "task_events.retry_delay = 10ms";
+
+# The tables a backup must carry, each as sorted text.
+my @TABLES = qw(tasks events audit_log notifications analytics_counters
+  completion_stats handler_state dead_letters);
+
+sub table_text
+{
+	my ($node, $db, $table) = @_;
+	return $node->safe_psql($db,
+		"SELECT string_agg(t::text, E'\\n' ORDER BY t::text COLLATE \"C\") FROM task_events.$table t");
+}
+
+sub sequences_text
+{
+	my ($node, $db) = @_;
+	return $node->safe_psql(
+		$db, q{
+		SELECT (SELECT last_value || '/' || is_called FROM task_events.events_seq_seq) || ' '
+		    || (SELECT last_value || '/' || is_called FROM task_events.notifications_notification_id_seq)});
+}
+
+# Compare everything a backup carries between two databases.
+sub same_as_source
+{
+	my ($src, $dst, $db, $what) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	for my $table (@TABLES)
+	{
+		is(table_text($dst, $db, $table), table_text($src, 'postgres', $table),
+			"$what: task_events.$table is the source's");
+	}
+	is(sequences_text($dst, $db), sequences_text($src, 'postgres'),
+		"$what: the sequences are the source's");
+	return;
+}
+
+# Each handler's processed count, as handler => count.
+sub processed
+{
+	my ($node, $db) = @_;
+	return {
+		map { split /\|/ } split /\n/,
+		$node->safe_psql($db, 'SELECT handler, processed FROM task_events.handler_state')
+	};
+}
+
+sub writes
+{
+	my ($node, $db, $tag) = @_;
+	$node->safe_psql(
+		$db, qq{
+		SELECT FROM generate_series(1, 15) i, task_events.create_task('user' || i % 4, '$tag ' || i);
+		SELECT FROM task_events.tasks t, task_events.complete_task(t.task_id)
+		  WHERE t.title IN ('$tag 3', '$tag 5', '$tag 8');
+		SELECT FROM task_events.tasks t, task_events.update_status(t.task_id, 'cancelled')
+		  WHERE t.title = '$tag 7';});
+	return;
+}
+
+# Burn n transaction ids (one autocommit statement each).
+sub burn_xids
+{
+	my ($node, $n) = @_;
+	$node->safe_psql('postgres', "SELECT pg_current_xact_id();\n" x $n);
+	return;
+}
+
+sub next_xid
+{
+	my ($node) = @_;
+	return $node->safe_psql('postgres', 'SELECT pg_snapshot_xmax(pg_current_snapshot())');
+}
+
+# pg_restore file into the new database db of node, re-registering the
+# handler poison between the sections; dies on any error.
+my $REGISTER_POISON = q{INSERT INTO task_events.handlers (handler, function)
+	VALUES ('poison', 'public.poison(task_events.events[])')};
+
+sub restore
+{
+	my ($node, $db, $file) = @_;
+	$node->safe_psql('postgres', "CREATE DATABASE $db");
+	$node->command_ok([ 'pg_restore', '--exit-on-error', '-d', $node->connstr($db), $file ],
+		"pg_restore into $db");
+	return;
+}
+
+###
+### The source: handled events, a dead letter, and a backlog.
+###
+my $src = te_node('source', conf => $CONF);
+wait_for_workers($src, 1);
+# The source has used many more transaction ids than a new cluster.
+burn_xids($src, 5000);
+
+$src->safe_psql(
+	'postgres', qq{
+CREATE FUNCTION public.poison(events task_events.events[]) RETURNS void
+LANGUAGE plpgsql AS \$\$
+BEGIN
+	IF EXISTS (SELECT FROM pg_catalog.unnest(events) e
+			   WHERE e.event_type = 'TaskCreated' AND e.payload ->> 'task_title' LIKE 'poison%') THEN
+		RAISE EXCEPTION 'poisoned batch';
+	END IF;
+END \$\$;
+$REGISTER_POISON;
+});
+writes($src, 'postgres', 'handled');
+$src->safe_psql('postgres', q{SELECT task_events.create_task('mallory', 'poison pill')});
+$src->poll_query_until('postgres',
+	q{SELECT dead_letters = 1 AND events_behind = 0 FROM task_events.handler_status WHERE handler = 'poison'})
+  or die 'no dead letter';
+wait_caught_up($src);
+
+# A backlog: analytics disabled, events written.
+$src->safe_psql('postgres', q{UPDATE task_events.handlers SET enabled = false WHERE handler = 'analytics'});
+writes($src, 'postgres', 'backlog');
+wait_caught_up($src);
+my %behind = map { split /\|/ } split /\n/,
+  $src->safe_psql('postgres', 'SELECT handler, events_behind FROM task_events.handler_status');
+ok($behind{analytics} > 0 && !grep({ $_ ne 'analytics' && $behind{$_} != 0 } keys %behind),
+	"source: analytics is $behind{analytics} events behind, the others caught up");
+is($src->safe_psql('postgres', 'SELECT count(*) FROM task_events.dead_letters'), 1, 'source: one dead letter');
+
+my $dump = $src->basedir . '/source.dump';
+$src->command_ok([ 'pg_dump', '-Fc', '-f', $dump, '-d', $src->connstr('postgres') ], 'pg_dump -Fc');
+my $src_max_seq = $src->safe_psql('postgres', 'SELECT max(seq) FROM task_events.events');
+my $src_last_value = $src->safe_psql('postgres', 'SELECT last_value FROM task_events.events_seq_seq');
+my $src_processed = processed($src, 'postgres');
+my $n_src_events = $src->safe_psql('postgres', 'SELECT count(*) FROM task_events.events');
+
+###
+### A plain pg_restore keeps the user's handlers.
+###
+$src->safe_psql('postgres', 'CREATE DATABASE plain');
+my $plain_rc = system_log('pg_restore', '--exit-on-error', '-d', $src->connstr('plain'), $dump);
+is($plain_rc, 0, 'a plain pg_restore succeeds');
+# The built-in handlers come from CREATE EXTENSION, enabled (documented):
+# the source's disabled analytics is enabled again.
+my $user_handlers = q{SELECT string_agg(h::text, ',' ORDER BY handler) FROM task_events.handlers h
+	WHERE handler NOT IN ('analytics', 'audit', 'notification', 'relay')};
+is($src->safe_psql('plain', $user_handlers), $src->safe_psql('postgres', $user_handlers),
+	'a plain pg_restore restores the handlers the user registered');
+is(table_text($src, 'plain', 'handler_state'), table_text($src, 'postgres', 'handler_state'),
+	'a plain pg_restore restores every handler position');
+is(table_text($src, 'plain', 'dead_letters'), table_text($src, 'postgres', 'dead_letters'),
+	'a plain pg_restore restores the dead letters');
+
+###
+### Restore into another database of the same cluster.
+###
+restore($src, 'restored', $dump);
+same_as_source($src, $src, 'restored', 'same cluster');
+
+writes($src, 'restored', 'new');
+$src->safe_psql('restored', 'SELECT task_events.process_pending()');
+handlers_match($src, 'same cluster: the backlog and new events handled, nothing handled twice',
+	db => 'restored');
+is( $src->safe_psql('restored', "SELECT min(seq) FROM task_events.events WHERE seq > $src_max_seq"),
+	$src_last_value + 1,
+	'same cluster: new events continue the source\'s sequence');
+my $n_new = $src->safe_psql('restored', "SELECT count(*) FROM task_events.events WHERE seq > $src_max_seq");
+my $now = processed($src, 'restored');
+is_deeply(
+	{ map { $_ => $now->{$_} - $src_processed->{$_} } keys %$now },
+	{ map { $_ => $n_new + ($behind{$_} // 0) } keys %$now },
+	'same cluster: each handler handled exactly its backlog and the new events');
+is($src->safe_psql('restored', q{SELECT count(*) FROM task_events.dead_letters WHERE handler = 'poison'}),
+	1, 'same cluster: the dead letter is still there, not retried');
+
+###
+### Into another cluster whose transaction counter is behind the source's.
+###
+my $dst = te_node('target', conf => $CONF);
+my ($src_xid, $dst_xid) = (next_xid($src), next_xid($dst));
+note "next transaction id: source $src_xid, target $dst_xid";
+cmp_ok($dst_xid, '<', $src_xid, 'the target cluster\'s transaction counter is behind the source\'s');
+
+restore($dst, 'behind', $dump);
+same_as_source($src, $dst, 'behind', 'cluster behind');
+writes($dst, 'behind', 'new');
+$dst->safe_psql('behind', 'SELECT task_events.process_pending()');
+my @diff = handler_mismatches($dst, 'behind');
+note "cluster behind, differences after new events and process_pending() (first 10 of "
+  . scalar(@diff) . "):\n" . join "\n", @diff[ 0 .. ($#diff < 9 ? $#diff : 9) ];
+my $unhandled_new = $dst->safe_psql('behind',
+	"SELECT count(*) FROM task_events.events e WHERE seq > $src_max_seq"
+	  . ' AND NOT EXISTS (SELECT FROM task_events.audit_log a WHERE a.event_id = e.event_id)');
+my $reported_behind = $dst->safe_psql('behind',
+	q{SELECT string_agg(handler || ' ' || events_behind, ', ' ORDER BY handler) FROM task_events.handler_status});
+note "cluster behind: $unhandled_new of $n_new new events not handled by audit; "
+  . "handler_status events_behind: $reported_behind";
+TODO:
+{
+	local $TODO = 'positions are transaction-id snapshots of the source cluster';
+	is(scalar(@diff), 0, 'cluster behind: the backlog and new events handled, nothing handled twice');
+	is($unhandled_new, 0, 'cluster behind: new events are handled');
+}
+
+# A worker serving that database warns about it.
+my $offset = log_position($dst);
+$dst->append_conf('postgresql.conf', "task_events.database = 'behind'");
+$dst->restart;
+ok( $dst->wait_for_log(
+		qr/WARNING:  the task_events event log of database "behind" holds transaction ids this cluster has not assigned yet/,
+		$offset),
+	'cluster behind: the worker warns that the database holds transaction ids from the future');
+
+###
+### Into another cluster whose transaction counter is ahead of the source's,
+### served by a worker.
+###
+burn_xids($dst, $src_xid - $dst_xid + 100);
+cmp_ok(next_xid($dst), '>', $src_xid, 'the target cluster\'s counter is now ahead of the source\'s');
+restore($dst, 'ahead', $dump);
+same_as_source($src, $dst, 'ahead', 'cluster ahead');
+$dst->append_conf('postgresql.conf', "task_events.database = 'ahead'");
+$dst->restart;
+$dst->poll_query_until('postgres',
+	q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'task_events worker' AND datname = 'ahead'}, 1)
+  or die 'no worker in database ahead';
+writes($dst, 'ahead', 'new');
+wait_caught_up($dst, 'ahead');
+handlers_match($dst, 'cluster ahead: the worker handled the backlog and new events, nothing twice',
+	db => 'ahead');
+is_deeply([ log_grep($dst, $offset, qr/WARNING:.*database "ahead"/) ],
+	[], 'cluster ahead: no warning about transaction ids');
+$now = processed($dst, 'ahead');
+is_deeply(
+	{ map { $_ => $now->{$_} - $src_processed->{$_} } keys %$now },
+	{ map { $_ => $n_new + ($behind{$_} // 0) } keys %$now },
+	'cluster ahead: each handler handled exactly its backlog and the new events');
+
+# The cluster that was behind has caught up with the source's counter now:
+# the source's backlog is handled, but the events written while it was
+# behind stay skipped.
+$dst->safe_psql('behind', 'SELECT task_events.process_pending()');
+@diff = handler_mismatches($dst, 'behind');
+note "cluster that was behind, after its counter passed the source's (first 10 of "
+  . scalar(@diff) . "):\n" . join "\n", @diff[ 0 .. ($#diff < 9 ? $#diff : 9) ];
+TODO:
+{
+	local $TODO = 'positions are transaction-id snapshots of the source cluster';
+	is(scalar(@diff), 0, 'cluster that was behind: everything handled once its counter passed the source\'s');
+}
+
+$dst->stop;
+$src->stop;
+done_testing();
