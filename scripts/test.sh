@@ -4,7 +4,9 @@
 # extension, and runs the servers as the OS user postgres.
 #
 # Suites: build, pg_regress, isolation, pgTAP (test/pgtap/*.sql), TAP
-# (test/t/*.pl) and the bench smoke run (bench/smoke.sh).  Every suite runs
+# (test/t/*.pl), the bench smoke run (bench/smoke.sh), then the same suites
+# and the fuzzer against a build with sanitizers (scripts/sanitize.sh) and
+# the static analysis (scripts/analyze.sh).  Every suite runs
 # even when an earlier one failed, except that nothing runs against the
 # installed extension when the build failed (it would test a stale install).
 # Ends with a summary table; exits non-zero if any suite failed.
@@ -13,6 +15,8 @@
 #   TE_SUITE_TIMEOUT  time limit per suite, as for timeout(1) (default 20m)
 #   TE_KEEP_TMP=1     keep the temporary copy even when everything passed
 #   TE_ONLY           run only these suites after the build, e.g. "pgTAP TAP"
+#                     (names as in the summary: pg_regress isolation pgTAP TAP
+#                     bench-smoke sanitizers analysis)
 #   TE_TAP            run only the TAP files whose names match these globs,
 #                     e.g. "004* 01*" (for working on one test; CI sets neither)
 # The suites are called through run_suite, which shellcheck cannot follow.
@@ -20,9 +24,9 @@
 set -euo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${TE_PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_CONFIG=$PG_BIN/pg_config
-PGXS_DIR=/usr/lib/postgresql/15/lib/pgxs
+PGXS_DIR=${PG_BIN%/bin}/lib/pgxs
 SUITE_TIMEOUT=${TE_SUITE_TIMEOUT:-20m}
 SKIP=77 # a suite's exit status for "nothing to run"
 
@@ -245,6 +249,17 @@ suite_bench() {
 	in_copy bash bench/smoke.sh
 }
 
+# Every suite again, and the fuzzer, on a sanitized build in a private copy
+# of PostgreSQL (the system-wide install is not touched).  The nested
+# test.sh it runs skips these last two suites.
+suite_sanitize() {
+	TE_ONLY="pg_regress isolation pgTAP TAP bench-smoke" bash "$ROOT/scripts/sanitize.sh"
+}
+
+suite_analyze() {
+	bash "$ROOT/scripts/analyze.sh"
+}
+
 run_suite build suite_build
 if [[ ${SUITE_RESULTS[-1]} == PASS ]]; then
 	# cp -a keeps the build's timestamps, so nothing rebuilds in the copy.
@@ -255,13 +270,13 @@ if [[ ${SUITE_RESULTS[-1]} == PASS ]]; then
 		"$COPY"/regression.{diffs,out} "$COPY/test/tmp_check"
 	pg_temp_chown "$WORK"
 	for s in pg_regress:suite_regress isolation:suite_isolation pgTAP:suite_pgtap \
-		TAP:suite_tap bench-smoke:suite_bench; do
+		TAP:suite_tap bench-smoke:suite_bench sanitizers:suite_sanitize analysis:suite_analyze; do
 		if [[ -z ${TE_ONLY:-} || " $TE_ONLY " == *" ${s%%:*} "* ]]; then
 			run_suite "${s%%:*}" "${s#*:}"
 		fi
 	done
 else
-	for s in pg_regress isolation pgTAP TAP bench-smoke; do
+	for s in pg_regress isolation pgTAP TAP bench-smoke sanitizers analysis; do
 		not_run "$s" "build failed"
 	done
 fi
