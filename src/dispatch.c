@@ -55,6 +55,8 @@ typedef struct HandlerState
 	int32		attempts;		/* failed attempts at failing_seq */
 	TimestampTz retry_at;		/* 0, or no attempt before this time */
 	bool		has_state_row;	/* false for a handler that never ran */
+	const HandlerPeek *peek;	/* what te_peek_handlers found */
+	bool		opened_window;	/* this batch opened the window */
 	/* what this batch adds to the state */
 	int64		handled;
 	int64		failed;
@@ -66,7 +68,6 @@ typedef struct HandlerState
 static SPIPlanPtr te_peek_plan = NULL;
 static SPIPlanPtr te_lock_plan = NULL;
 static SPIPlanPtr te_create_state_plan = NULL;
-static SPIPlanPtr te_retries_queued_plan = NULL;
 static SPIPlanPtr te_window_plan = NULL;
 static SPIPlanPtr te_batch_plan = NULL;
 static SPIPlanPtr te_dead_letter_plan = NULL;
@@ -74,7 +75,6 @@ static SPIPlanPtr te_retry_select_plan = NULL;
 static SPIPlanPtr te_retry_done_plan = NULL;
 static SPIPlanPtr te_retry_failed_plan = NULL;
 static SPIPlanPtr te_save_plan = NULL;
-static SPIPlanPtr te_list_plan = NULL;
 
 /* Value of column col of SPI result row 0, copied into the current context. */
 static Datum
@@ -161,22 +161,19 @@ te_event_seq(Datum event)
 }
 
 /*
- * Load the handler's state into *st.  The peek (lock = false) reads it as
- * it is, a handler without a state row yet starting from the beginning of
- * the log; with lock, the row is created if missing and locked (FOR UPDATE
- * SKIP LOCKED).  False when the handler is disabled or gone, or, with lock,
- * being run by someone else right now.
+ * Lock the handler's state row (FOR UPDATE SKIP LOCKED), creating it first
+ * when the peek found none, and load it into *st.  False when the handler
+ * is disabled or gone, or being run by someone else right now.
  */
 static bool
-te_load_state(HandlerState *st, bool lock)
+te_lock_state(HandlerState *st)
 {
 	static const Oid argtypes[] = {TEXTOID};
-	SPIPlanPtr *plan = lock ? &te_lock_plan : &te_peek_plan;
 	Datum		values[1];
 	bool		isnull;
 
 	values[0] = CStringGetTextDatum(st->handler);
-	if (lock && !st->has_state_row)
+	if (!st->has_state_row)
 	{
 		/*
 		 * Whoever creates the row holds this lock until its transaction ends,
@@ -198,25 +195,15 @@ te_load_state(HandlerState *st, bool lock)
 		SPI_freetuptable(SPI_tuptable);
 	}
 
-#define TE_STATE_COLUMNS \
-	"SELECT h.function::pg_catalog.oid," \
-	"       COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot), s.window_end," \
-	"       COALESCE(s.window_seq, 0), COALESCE(s.last_seq, 0), s.failing_seq," \
-	"       COALESCE(s.attempts, 0), s.retry_at, s.handler IS NOT NULL" \
-	" FROM task_events.handlers h"
-#define TE_STATE_WHERE \
-	" WHERE h.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
-
-	te_prepare_kept(plan,
-					lock ?
-					TE_STATE_COLUMNS
+	te_prepare_kept(&te_lock_plan,
+					"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end,"
+					"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at"
+					" FROM task_events.handlers h"
 					" JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
-					TE_STATE_WHERE " FOR UPDATE OF s SKIP LOCKED" :
-					TE_STATE_COLUMNS
-					" LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
-					TE_STATE_WHERE,
+					" WHERE h.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
+					" FOR UPDATE OF s SKIP LOCKED",
 					lengthof(argtypes), argtypes);
-	te_execute_kept(*plan, values, NULL, SPI_OK_SELECT);
+	te_execute_kept(te_lock_plan, values, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 	{
 		SPI_freetuptable(SPI_tuptable);
@@ -231,14 +218,19 @@ te_load_state(HandlerState *st, bool lock)
 	st->failing_seq = DatumGetInt64(te_result_datum(6, &isnull));
 	st->attempts = DatumGetInt32(te_result_datum(7, &isnull));
 	st->retry_at = DatumGetTimestampTz(te_result_datum(8, &isnull));
-	st->has_state_row = DatumGetBool(te_result_datum(9, &isnull));
+	st->has_state_row = true;
 	SPI_freetuptable(SPI_tuptable);
 	return true;
 }
 
 /*
  * The lowest seq of the events visible in end and not in the handler's
- * window_start, or 0 when there is none.
+ * window_start, or 0 when there is none.  Called for every handler in
+ * every round, so its kept plan must stay cheap once generic: the events
+ * are found through a range of events_xact_id_idx (the upper bound is
+ * implied by the visibility test, but gives the planner a narrow range
+ * estimate), and OFFSET 0 keeps it from turning min(seq) into a walk of
+ * events_pkey from seq 1 that filters every event on the way.
  */
 static int64
 te_window_min_seq(HandlerState *st, Datum end)
@@ -248,11 +240,14 @@ te_window_min_seq(HandlerState *st, Datum end)
 	Datum		min_seq;
 	bool		isnull;
 
-	te_prepare_kept_custom(&te_window_plan,
-					"SELECT pg_catalog.min(e.seq) FROM task_events.events e"
-					" WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin($1)"
-					"   AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
-					"   AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $2)",
+	te_prepare_kept(&te_window_plan,
+					"SELECT pg_catalog.min(w.seq)"
+					" FROM (SELECT e.seq FROM task_events.events e"
+					"       WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin($1)"
+					"         AND e.xact_id OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax($2)"
+					"         AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
+					"         AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $2)"
+					"       OFFSET 0) w",
 					lengthof(argtypes), argtypes);
 	values[0] = st->window_start;
 	values[1] = end;
@@ -262,40 +257,10 @@ te_window_min_seq(HandlerState *st, Datum end)
 	return isnull ? 0 : DatumGetInt64(min_seq);
 }
 
-/* Has the handler dead letters queued for a retry? */
-static bool
-te_retries_queued(HandlerState *st)
-{
-	static const Oid argtypes[] = {TEXTOID};
-	Datum		values[1];
-	bool		queued;
-
-	te_prepare_kept(&te_retries_queued_plan,
-					"SELECT FROM task_events.dead_letters"
-					" WHERE handler OPERATOR(pg_catalog.=) $1 AND retry_requested LIMIT 1",
-					lengthof(argtypes), argtypes);
-	values[0] = CStringGetTextDatum(st->handler);
-	te_execute_kept(te_retries_queued_plan, values, NULL, SPI_OK_SELECT);
-	queued = SPI_processed > 0;
-	SPI_freetuptable(SPI_tuptable);
-	return queued;
-}
-
 /*
- * Is there anything for the handler to do: an open window, new events, or
- * dead letters to retry?  Read-only, so that an idle handler takes no lock
- * and writes nothing.
- */
-static bool
-te_has_work(HandlerState *st)
-{
-	return st->window_end != (Datum) 0 ||
-		te_window_min_seq(st, te_window_snapshot()) != 0 ||
-		te_retries_queued(st);
-}
-
-/*
- * Open a window if none is open: from the position up to the active
+ * Open a window if none is open: from the position up to the snapshot the
+ * peek took, when nobody moved the position since (it saves a query; an
+ * older end only makes the window smaller), else up to the active
  * snapshot.  False when that window holds no event.
  */
 static bool
@@ -306,10 +271,19 @@ te_open_window(HandlerState *st)
 
 	if (st->window_end != (Datum) 0)
 		return true;
-	end = te_window_snapshot();
-	min_seq = te_window_min_seq(st, end);
+	if (datumIsEqual(st->window_start, st->peek->window_start, false, -1))
+	{
+		end = st->peek->window_end;
+		min_seq = st->peek->min_seq;
+	}
+	else
+	{
+		end = te_window_snapshot();
+		min_seq = te_window_min_seq(st, end);
+	}
 	if (min_seq == 0)
 		return false;
+	st->opened_window = true;
 
 	st->window_end = end;
 	st->window_seq = min_seq - 1;
@@ -511,7 +485,7 @@ te_fetch_batch(HandlerState *st, int max_events, Datum *batch, int64 *max_seq)
 	bool		isnull;
 	int64		count;
 
-	te_prepare_kept_custom(&te_batch_plan,
+	te_prepare_kept(&te_batch_plan,
 					"SELECT pg_catalog.array_agg(b.e ORDER BY (b.e).seq), pg_catalog.count(*),"
 					"       pg_catalog.max((b.e).seq)"
 					" FROM (SELECT e FROM task_events.events e"
@@ -587,13 +561,94 @@ te_save_state(HandlerState *st)
 }
 
 /*
- * Run at most max_events events through handler, in the caller's
- * transaction.  Assumes SPI is connected and an active snapshot is set.
- * Returns false when the handler was skipped (disabled, gone, or locked by
- * another runner); *outcome says what was done.
+ * Which enabled handlers (or only the one named, when only is not NULL)
+ * have work, in name order, as a list of HandlerPeek allocated in cxt.  One
+ * read-only query for all of them, so that an idle round takes no lock,
+ * writes nothing and costs one statement.  Assumes SPI is connected and an
+ * active snapshot; the peeks stay valid in later transactions (a window
+ * may end at an older snapshot than the runner's).
+ */
+List *
+te_peek_handlers(const char *only, MemoryContext cxt)
+{
+	static const Oid argtypes[] = {PG_SNAPSHOTOID, TEXTOID};
+	Datum		values[2];
+	char		nulls[2] = {' ', ' '};
+	Datum		now_snapshot = te_window_snapshot();
+	TimestampTz now = GetCurrentTimestamp();
+	List	   *peeks = NIL;
+	uint64		i;
+
+	/*
+	 * Per handler: its position, whether a window is open, its backoff, the
+	 * first event after its position visible now (the query of
+	 * te_window_min_seq), and whether dead letters wait for a retry.
+	 */
+	te_prepare_kept(&te_peek_plan,
+					"SELECT h.handler, p.ws, s.window_end IS NOT NULL, s.retry_at,"
+					"       (SELECT pg_catalog.min(w.seq)"
+					"        FROM (SELECT e.seq FROM task_events.events e"
+					"              WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(p.ws)"
+					"                AND e.xact_id OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax($1)"
+					"                AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, p.ws)"
+					"                AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
+					"              OFFSET 0) w),"
+					"       EXISTS (SELECT FROM task_events.dead_letters d"
+					"               WHERE d.handler OPERATOR(pg_catalog.=) h.handler AND d.retry_requested),"
+					"       s.handler IS NOT NULL"
+					" FROM task_events.handlers h"
+					" LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
+					" CROSS JOIN LATERAL (SELECT COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot) AS ws) p"
+					" WHERE h.enabled AND ($2 IS NULL OR h.handler OPERATOR(pg_catalog.=) $2)"
+					" ORDER BY h.handler",
+					lengthof(argtypes), argtypes);
+	values[0] = now_snapshot;
+	values[1] = only ? CStringGetTextDatum(only) : (Datum) 0;
+	nulls[1] = only ? ' ' : 'n';
+	te_execute_kept(te_peek_plan, values, nulls, SPI_OK_SELECT);
+
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	row = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+		HandlerPeek *peek = palloc0(sizeof(HandlerPeek));
+		bool		isnull;
+		bool		window_open;
+		bool		retries_queued;
+		Datum		value;
+
+		peek->handler = SPI_getvalue(row, desc, 1);
+		peek->window_start = datumCopy(SPI_getbinval(row, desc, 2, &isnull), false, -1);
+		peek->window_end = datumCopy(now_snapshot, false, -1);
+		window_open = DatumGetBool(SPI_getbinval(row, desc, 3, &isnull));
+		value = SPI_getbinval(row, desc, 4, &isnull);
+		peek->retry_at = isnull ? 0 : DatumGetTimestampTz(value);
+		value = SPI_getbinval(row, desc, 5, &isnull);
+		peek->min_seq = isnull ? 0 : DatumGetInt64(value);
+		retries_queued = DatumGetBool(SPI_getbinval(row, desc, 6, &isnull));
+		peek->has_state_row = DatumGetBool(SPI_getbinval(row, desc, 7, &isnull));
+		peek->backing_off = peek->retry_at > now;
+		peek->has_work = !peek->backing_off &&
+			(window_open || peek->min_seq != 0 || retries_queued);
+		peek->retries_queued = retries_queued;
+		peeks = lappend(peeks, peek);
+		MemoryContextSwitchTo(old);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return peeks;
+}
+
+/*
+ * Run one batch of the handler that peek found with work: lock its state
+ * row, retry the dead letters queued for it, then handle up to max_events
+ * events of its window in seq order, and save its position.  All in the
+ * caller's transaction; assumes SPI is connected and an active snapshot.
+ * Returns false when the handler could not be run (someone else runs it, or
+ * it was disabled or deleted since the peek); *outcome says what happened.
  */
 bool
-te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
+te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outcome)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	HandlerState st;
@@ -606,19 +661,20 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 	bool		stopped = false;
 
 	memset(outcome, 0, sizeof(*outcome));
-	memset(&st, 0, sizeof(st));
-	st.handler = handler;
-
-	/* Look first, lock only when there is work: idle handlers write nothing. */
-	if (!te_load_state(&st, false))
-		return false;
-	if (st.retry_at == 0 || st.retry_at <= GetCurrentTimestamp())
+	if (peek->backing_off)
 	{
-		if (!te_has_work(&st))
-			return true;
-		if (!te_load_state(&st, true))
-			return false;
+		outcome->retry_at = peek->retry_at;
+		return true;
 	}
+	if (!peek->has_work)
+		return true;
+
+	memset(&st, 0, sizeof(st));
+	st.handler = peek->handler;
+	st.peek = peek;
+	st.has_state_row = peek->has_state_row;
+	if (!te_lock_state(&st))
+		return false;
 	if (st.retry_at != 0 && st.retry_at > GetCurrentTimestamp())
 	{
 		outcome->retry_at = st.retry_at;
@@ -626,7 +682,8 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 	}
 
 	started = GetCurrentTimestamp();
-	te_retry_dead_letters(&st, max_events, cxt);
+	if (peek->retries_queued)
+		te_retry_dead_letters(&st, max_events, cxt);
 	budget = max_events - (int) st.handled;
 
 	if (budget > 0 && te_open_window(&st))
@@ -654,25 +711,16 @@ te_run_handler_batch(const char *handler, int max_events, BatchOutcome *outcome)
 	outcome->handled = st.handled;
 	outcome->failed = st.failed;
 	outcome->retry_at = stopped ? st.retry_at : 0;
-	/* After a window closes, a newer one may already hold events. */
-	outcome->more = !stopped && (st.called || window_done);
+
+	/*
+	 * Run again at once while the window is not done.  After a window this
+	 * batch opened closes, events committed since its end snapshot have set
+	 * the worker's latch (wakeup.c; the peek's snapshot is taken after the
+	 * round reset the latch), so there is no need to look again.  A window
+	 * opened in an earlier round ends at an older snapshot: look again.
+	 */
+	outcome->more = !stopped &&
+		((st.called && !window_done) || (window_done && !st.opened_window) ||
+		 st.handled >= max_events);
 	return true;
-}
-
-/*
- * Names of the enabled handlers, in name order.  Assumes SPI is connected.
- */
-List *
-te_list_handlers(void)
-{
-	List	   *names = NIL;
-	uint64		i;
-
-	te_prepare_kept(&te_list_plan,
-					"SELECT handler FROM task_events.handlers WHERE enabled ORDER BY handler",
-					0, NULL);
-	te_execute_kept(te_list_plan, NULL, NULL, SPI_OK_SELECT);
-	for (i = 0; i < SPI_processed; i++)
-		names = lappend(names, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
-	return names;
 }

@@ -56,19 +56,24 @@ te_drain_handler(const char *handler, int64 max_events)
 	while (handled < max_events)
 	{
 		MemoryContext old = MemoryContextSwitchTo(batch_cxt);
+		List	   *peeks;
 		BatchOutcome outcome;
-		bool		ran;
+		bool		ran = false;
 
 		PushActiveSnapshot(GetTransactionSnapshot());
-		ran = te_run_handler_batch(handler,
-								   (int) Min(te_batch_size, max_events - handled),
-								   &outcome);
+		peeks = te_peek_handlers(handler, batch_cxt);
+		if (peeks != NIL)
+			ran = te_run_handler_batch(linitial(peeks),
+									   (int) Min(te_batch_size, max_events - handled),
+									   &outcome);
 		PopActiveSnapshot();
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(batch_cxt);
 
+		if (!ran)
+			break;
 		handled += outcome.handled;
-		if (!ran || !outcome.more)
+		if (!outcome.more)
 			break;
 	}
 	MemoryContextDelete(batch_cxt);
@@ -104,13 +109,12 @@ process_pending(PG_FUNCTION_ARGS)
 	SPI_connect();
 	if (only != NULL)
 		te_require_handler(only);
-	handlers = te_list_handlers();
+	handlers = te_peek_handlers(only, CurrentMemoryContext);
 	foreach(lc, handlers)
 	{
-		const char *handler = lfirst(lc);
+		const HandlerPeek *peek = lfirst(lc);
 
-		if (only == NULL || strcmp(only, handler) == 0)
-			handled += te_drain_handler(handler, max_events);
+		handled += te_drain_handler(peek->handler, max_events);
 	}
 	SPI_finish();
 	PG_RETURN_INT64(handled);

@@ -13,43 +13,31 @@
 
 #include "spi_util.h"
 
-static void
-te_prepare_kept_with(SPIPlanPtr *plan, const char *sql, int nargs,
-					 const Oid *argtypes, int cursor_options)
+/*
+ * Prepare sql into *plan and keep it, unless *plan is already set.  Assumes
+ * SPI is connected.
+ *
+ * The plan is generic from the first run: every kept statement is written
+ * so that its generic plan is the right one (look-ups by key, inserts, index
+ * ranges; see te_window_min_seq), and planning again at each run would cost
+ * more than the statement itself on the workers' hot path.  Left to itself,
+ * the plan cache keeps planning such a statement whenever the generic plan's
+ * estimate looks worse than the custom ones'.
+ */
+void
+te_prepare_kept(SPIPlanPtr *plan, const char *sql, int nargs, const Oid *argtypes)
 {
 	SPIPlanPtr	prepared;
 
 	if (*plan != NULL)
 		return;
-	prepared = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes, cursor_options);
+	prepared = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes, CURSOR_OPT_GENERIC_PLAN);
 	if (prepared == NULL)
 		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
 			 sql, SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(prepared) != 0)
 		elog(ERROR, "SPI_keepplan failed for \"%s\"", sql);
 	*plan = prepared;
-}
-
-/*
- * Prepare sql into *plan and keep it, unless *plan is already set.  Assumes
- * SPI is connected.
- */
-void
-te_prepare_kept(SPIPlanPtr *plan, const char *sql, int nargs, const Oid *argtypes)
-{
-	te_prepare_kept_with(plan, sql, nargs, argtypes, 0);
-}
-
-/*
- * The same, for a statement whose best plan depends on its parameter values
- * (e.g. how far back a snapshot's xmin reaches in the log): planned again
- * with the values at every run.  The plan cache would otherwise switch to a
- * generic plan after five runs, one that can walk the whole log.
- */
-void
-te_prepare_kept_custom(SPIPlanPtr *plan, const char *sql, int nargs, const Oid *argtypes)
-{
-	te_prepare_kept_with(plan, sql, nargs, argtypes, CURSOR_OPT_CUSTOM_PLAN);
 }
 
 /*

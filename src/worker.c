@@ -214,59 +214,64 @@ te_reload_config_if_pending(void)
 }
 
 /*
- * The enabled handlers, copied into cxt; NIL when the extension is not
+ * Which handlers have work, copied into cxt (te_peek_handlers): one
+ * read-only transaction for all of them.  NIL when the extension is not
  * installed in this database (the worker then waits for it quietly).
  */
 static List *
-te_handlers_to_run(MemoryContext cxt)
+te_peek(MemoryContext cxt)
 {
-	List	   *names = NIL;
+	List	   *peeks = NIL;
 
-	if (te_begin_work("listing task_events handlers"))
+	if (te_begin_work("looking for task_events events"))
 	{
-		List	   *found;
-		MemoryContext old;
-		ListCell   *lc;
-
 		te_check_log_origin();
-		found = te_list_handlers();
-		old = MemoryContextSwitchTo(cxt);
-
-		foreach(lc, found)
-			names = lappend(names, pstrdup(lfirst(lc)));
-		MemoryContextSwitchTo(old);
+		peeks = te_peek_handlers(NULL, cxt);
 	}
 	te_end_work();
-	return names;
+	return peeks;
 }
 
 /*
- * One round: one batch of each handler.  Returns true when some handler may
- * have more work right away; sets *next_retry to the earliest time a
- * backing-off handler wants to run (0 if none).
+ * One round: one batch of each handler that has work, each in its own
+ * transaction.  Returns true when some handler may have more work right
+ * away; sets *next_retry to the earliest time a backing-off handler wants
+ * to run (0 if none).
  */
 static bool
-te_run_round(MemoryContext cxt, TimestampTz *next_retry)
+te_run_round(TimestampTz *next_retry)
 {
-	List	   *handlers = te_handlers_to_run(cxt);
+	static MemoryContext round_cxt = NULL;
+	List	   *peeks;
 	ListCell   *lc;
 	bool		more = false;
 
+	if (round_cxt == NULL)
+		round_cxt = AllocSetContextCreate(TopMemoryContext, "task_events round",
+										  ALLOCSET_DEFAULT_SIZES);
+	MemoryContextReset(round_cxt);
+	peeks = te_peek(round_cxt);
+
 	*next_retry = 0;
-	foreach(lc, handlers)
+	foreach(lc, peeks)
 	{
-		const char *handler = lfirst(lc);
+		const HandlerPeek *peek = lfirst(lc);
 		char		activity[NAMEDATALEN + 32];
 		BatchOutcome outcome;
 
-		CHECK_FOR_INTERRUPTS();
-		te_reload_config_if_pending();
-		snprintf(activity, sizeof(activity), "handling events: %s", handler);
 		memset(&outcome, 0, sizeof(outcome));
-		/* Dropped since the list was made: the next round sees that. */
-		if (te_begin_work(activity))
-			(void) te_run_handler_batch(handler, te_batch_size, &outcome);
-		te_end_work();
+		if (peek->has_work)
+		{
+			CHECK_FOR_INTERRUPTS();
+			te_reload_config_if_pending();
+			snprintf(activity, sizeof(activity), "handling events: %s", peek->handler);
+			/* Dropped since the peek: the next round sees that. */
+			if (te_begin_work(activity))
+				(void) te_run_handler_batch(peek, te_batch_size, &outcome);
+			te_end_work();
+		}
+		else if (peek->backing_off)
+			outcome.retry_at = peek->retry_at;
 
 		more |= outcome.more;
 		if (outcome.retry_at != 0 &&
@@ -300,13 +305,13 @@ te_sleep_ms(TimestampTz next_retry)
  * and fail the same way each time.
  */
 static bool
-te_try_round(MemoryContext cxt, TimestampTz *next_retry, bool *more)
+te_try_round(TimestampTz *next_retry, bool *more)
 {
 	volatile bool ok = true;
 
 	PG_TRY();
 	{
-		*more = te_run_round(cxt, next_retry);
+		*more = te_run_round(next_retry);
 	}
 	PG_CATCH();
 	{
@@ -524,7 +529,6 @@ te_wait_until_connectable(void)
 void
 te_worker_main(Datum main_arg)
 {
-	MemoryContext round_cxt;
 	int			error_streak = 0;
 	char	   *role;
 
@@ -570,8 +574,6 @@ te_worker_main(Datum main_arg)
 			(errmsg("task_events worker %d started in database \"%s\" as role \"%s\"",
 					te_worker_slot + 1, te_database, role)));
 
-	round_cxt = AllocSetContextCreate(TopMemoryContext, "task_events round",
-									  ALLOCSET_DEFAULT_SIZES);
 	for (;;)
 	{
 		TimestampTz next_retry = 0;
@@ -582,8 +584,7 @@ te_worker_main(Datum main_arg)
 		CHECK_FOR_INTERRUPTS();
 		te_reload_config_if_pending();
 
-		ok = te_try_round(round_cxt, &next_retry, &more);
-		MemoryContextReset(round_cxt);
+		ok = te_try_round(&next_retry, &more);
 		if (!ok)
 		{
 			/* 1 s, doubling while the error repeats, up to a minute. */

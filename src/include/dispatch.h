@@ -2,7 +2,25 @@
 #ifndef TE_DISPATCH_H
 #define TE_DISPATCH_H
 
+#include "nodes/pg_list.h"
 #include "utils/timestamp.h"
+
+/*
+ * What a look at a handler found, before locking it: whether it has work
+ * (and the window it would open), or is backing off after a failure.
+ */
+typedef struct HandlerPeek
+{
+	char	   *handler;
+	bool		has_work;		/* new events, an open window or retries */
+	bool		backing_off;	/* a failed event is retried at retry_at */
+	TimestampTz retry_at;
+	bool		has_state_row;	/* false for a handler that never ran */
+	bool		retries_queued; /* dead letters queued for a retry */
+	Datum		window_start;	/* pg_snapshot: the handler's position */
+	Datum		window_end;		/* pg_snapshot the peek looked up to */
+	int64		min_seq;		/* first event after the position, or 0 */
+} HandlerPeek;
 
 /* What one call of te_run_handler_batch() did. */
 typedef struct BatchOutcome
@@ -14,8 +32,8 @@ typedef struct BatchOutcome
 	TimestampTz retry_at;		/* > 0: the handler backs off until then */
 } BatchOutcome;
 
-extern bool te_run_handler_batch(const char *handler, int max_events,
+extern List *te_peek_handlers(const char *only, MemoryContext cxt);
+extern bool te_run_handler_batch(const HandlerPeek *peek, int max_events,
 								 BatchOutcome *outcome);
-extern List *te_list_handlers(void);
 
 #endif

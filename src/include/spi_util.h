@@ -7,8 +7,6 @@
 
 extern void te_prepare_kept(SPIPlanPtr *plan, const char *sql,
 							int nargs, const Oid *argtypes);
-extern void te_prepare_kept_custom(SPIPlanPtr *plan, const char *sql,
-								   int nargs, const Oid *argtypes);
 extern void te_execute_kept(SPIPlanPtr plan, Datum *values, const char *nulls,
 							int expected_ret);
 

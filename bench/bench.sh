@@ -1,0 +1,595 @@
+#!/usr/bin/env bash
+# The task_events benchmark (issue 4): starts ONE throwaway PostgreSQL 15
+# server, measures everything on it in one run, writes CSV files and a
+# comparison report to $BENCH_OUT and, when gnuplot is installed, the plot.
+#
+# Normally called by bench/run.sh (full run, as root) or bench/smoke.sh (CI,
+# tiny sizes, as any user).  Needs no root: the extension must already be
+# installed (make install) and pgbench/psql of PostgreSQL 15 available.
+#
+# Parts (BENCH_PARTS, default all, in this order):
+#   throughput  create_task and lifecycle at each client count: the extension
+#               in each notify_mode, the PL/pgSQL baseline with and without
+#               NOTIFY, the write ceiling and the pipeline ceiling
+#   latency     commit -> audit row at a steady BENCH_RATE events/s
+#   lag         handler backlog sampled each second under the maximum write rate
+#   drain       workers draining a backlog of BENCH_DRAIN_EVENTS events, with
+#               the workers' memory before and after
+#   log         create_task with BENCH_LOG_EVENTS events in the log against an
+#               empty log
+#
+# Environment (defaults for a full run; BENCH_SMOKE=1 makes them tiny):
+#   BENCH_SECONDS=20        length of each throughput and latency run
+#   BENCH_CLIENTS="1 4 16 64"
+#   BENCH_RATE=1000         events/s of the latency run
+#   BENCH_LAG_SECONDS=30    length of each lag run
+#   BENCH_DRAIN_EVENTS=1000000
+#   BENCH_LOG_EVENTS=10000000
+#   BENCH_WORKERS=2         task_events.worker_count
+#   BENCH_OUT=bench/results where the CSV files, report and plot go
+#   BENCH_KEEP=1            keep the server's data directory (path printed)
+#   BENCH_SERVER_CONF       extra postgresql.conf lines, one per line
+set -euo pipefail
+
+BENCH=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd -- "$BENCH/.." && pwd)
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+
+SMOKE=${BENCH_SMOKE:-0}
+if [[ $SMOKE == 1 ]]; then
+	SECONDS_RUN=${BENCH_SECONDS:-1}
+	CLIENTS=${BENCH_CLIENTS:-2}
+	RATE=${BENCH_RATE:-100}
+	LAG_SECONDS=${BENCH_LAG_SECONDS:-2}
+	DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-4000}
+	LOG_EVENTS=${BENCH_LOG_EVENTS:-12000}
+	CHUNK_EVENTS=1000
+else
+	SECONDS_RUN=${BENCH_SECONDS:-20}
+	CLIENTS=${BENCH_CLIENTS:-1 4 16 64}
+	RATE=${BENCH_RATE:-1000}
+	LAG_SECONDS=${BENCH_LAG_SECONDS:-30}
+	DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-1000000}
+	LOG_EVENTS=${BENCH_LOG_EVENTS:-10000000}
+	CHUNK_EVENTS=40000
+fi
+WORKERS=${BENCH_WORKERS:-2}
+# Longest wait for the handlers to catch up before the bench gives up.
+CATCHUP_TIMEOUT=${BENCH_CATCHUP_TIMEOUT:-$([[ $SMOKE == 1 ]] && echo 60 || echo 3600)}
+PARTS=${BENCH_PARTS:-throughput latency lag drain log}
+OUT=$(realpath -m -- "${BENCH_OUT:-$BENCH/results}")
+# The client count of the headline comparisons and targets.
+MAIN_CLIENTS=16
+[[ " $CLIENTS " == *" $MAIN_CLIENTS "* ]] || MAIN_CLIENTS=${CLIENTS##* }
+EXT_DB=bench_ext
+BASE_DB=bench_baseline
+
+# shellcheck source=scripts/pg-temp.sh
+. "$ROOT/scripts/pg-temp.sh"
+
+log() { printf '%s bench: %s\n' "$(date +%H:%M:%S)" "$*"; }
+die() {
+	printf 'bench: %s\n' "$*" >&2
+	exit 1
+}
+
+for tool in psql pgbench; do
+	[[ -x $PG_BIN/$tool ]] || die "$PG_BIN/$tool not found (PostgreSQL 15 client tools)"
+done
+[[ -f $("$PG_BIN/pg_config" --sharedir)/extension/task_events.control ]] ||
+	die "task_events is not installed: run make install (bench/run.sh does)"
+
+WORK=$(mktemp -d /tmp/task_events_bench.XXXXXX)
+DATADIR=$WORK/data
+RAW=$WORK/raw # pgbench outputs and other raw material
+mkdir -p -- "$RAW" "$OUT"
+SAMPLER_PID=
+cleanup() {
+	local rc=$?
+	if [[ -n $SAMPLER_PID ]]; then
+		kill "$SAMPLER_PID" 2>/dev/null || true
+		wait "$SAMPLER_PID" 2>/dev/null || true
+	fi
+	pg_temp_cleanup
+	if [[ ${BENCH_KEEP:-0} == 1 || $rc -ne 0 ]]; then
+		echo "bench: data directory and raw outputs kept in $WORK"
+	else
+		rm -rf -- "$WORK"
+	fi
+}
+trap cleanup EXIT
+pg_temp_chown "$WORK"
+
+# ---------------------------------------------------------------- server
+# Tuned for a write benchmark on a small machine, durability kept:
+# fsync, full_page_writes and synchronous_commit on (pg-temp.sh turns the
+# first two off for tests; the later lines win).
+SERVER_CONF=(
+	"shared_preload_libraries = 'task_events'"
+	"task_events.database = '$EXT_DB'"
+	"task_events.worker_count = $WORKERS"
+	"fsync = on"
+	"full_page_writes = on"
+	"synchronous_commit = on"
+	"max_connections = 200"
+	"shared_buffers = 1GB"
+	"wal_buffers = 64MB"
+	"max_wal_size = 16GB"
+	"min_wal_size = 1GB"
+	"checkpoint_timeout = 30min"
+	"checkpoint_completion_target = 0.9"
+	"maintenance_work_mem = 256MB"
+	"track_commit_timestamp = on"
+	"log_checkpoints = on"
+)
+[[ $SMOKE == 1 ]] && SERVER_CONF+=("shared_buffers = 128MB" "max_wal_size = 1GB")
+# Extra postgresql.conf lines, one per line of BENCH_SERVER_CONF (later
+# lines win), e.g. BENCH_SERVER_CONF="plan_cache_mode = force_custom_plan".
+if [[ -n ${BENCH_SERVER_CONF:-} ]]; then
+	mapfile -t extra_conf <<<"$BENCH_SERVER_CONF"
+	SERVER_CONF+=("${extra_conf[@]}")
+fi
+printf '%s\n' "${SERVER_CONF[@]}" >"$OUT/server_settings.txt"
+
+log "starting a throwaway server in $DATADIR"
+pg_temp_start "$DATADIR" "${SERVER_CONF[@]}"
+
+psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$@"; }
+# One value from a query.
+q() {
+	local db=$1
+	shift
+	"$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -d "$db" -c "$@"
+}
+
+psql -d postgres -c "CREATE DATABASE $EXT_DB" -c "CREATE DATABASE $BASE_DB"
+psql -d "$EXT_DB" -c 'CREATE EXTENSION task_events'
+psql -d "$BASE_DB" -f "$BENCH/plpgsql_baseline.sql" -f "$BENCH/ceiling.sql"
+
+# Is task_events.notify_mode there?  Without it everything is 'commit'.
+HAVE_MODES=$(q "$EXT_DB" "SELECT count(*) FROM pg_settings WHERE name = 'task_events.notify_mode'")
+if [[ $HAVE_MODES == 1 ]]; then
+	MODES=(commit relay off)
+	BEST_MODE=relay
+else
+	MODES=(commit)
+	BEST_MODE=commit
+	log "task_events.notify_mode does not exist in this build: only 'commit' is measured"
+fi
+
+# ---------------------------------------------------------------- machine
+{
+	echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+	echo "cpus: $(nproc)"
+	echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | sort -u | paste -sd ';')"
+	echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+	echo "kernel: $(uname -sr)"
+	echo "disk: $(df -h --output=source,fstype,size "$WORK" | tail -n 1 | tr -s ' ')"
+	echo "server: $(q postgres 'SELECT version()')"
+	echo "pgbench: $("$PG_BIN/pgbench" --version)"
+	echo "task_events.notify_mode available: $([[ $HAVE_MODES == 1 ]] && echo yes || echo no)"
+	echo "git: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+	if [[ $SMOKE != 1 && -x $PG_BIN/pg_test_fsync ]]; then
+		echo "fdatasync: $(cd "$WORK" && "$PG_BIN/pg_test_fsync" -s 1 -f "$WORK/fsync.test" 2>/dev/null |
+			awk '/^ *fdatasync/ {print $2 " ops/s (one 8kB write, pg_test_fsync)"; exit}')"
+		rm -f -- "$WORK/fsync.test"
+	fi
+	echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+} >"$OUT/machine.txt"
+sed 's/^/  /' "$OUT/machine.txt"
+
+# ---------------------------------------------------------------- helpers
+# Set notify_mode for the whole server (writers and the relay handler must
+# agree) and wait until a new session sees it.
+set_mode() {
+	[[ $HAVE_MODES == 1 ]] || return 0
+	psql -d "$EXT_DB" -c "ALTER SYSTEM SET task_events.notify_mode = '$1'" -c 'SELECT pg_reload_conf()' >/dev/null
+	local i
+	for i in $(seq 1 100); do
+		[[ $(q "$EXT_DB" 'SHOW task_events.notify_mode') == "$1" ]] && return 0
+		sleep 0.05
+	done
+	die "notify_mode did not become $1"
+}
+
+# Wait until the extension's workers are connected.
+wait_workers() {
+	local i
+	for i in $(seq 1 300); do
+		[[ $(q "$EXT_DB" "SELECT count(*) FROM pg_stat_activity
+			WHERE backend_type = 'task_events worker' AND datname = current_database()") -ge $WORKERS ]] && return 0
+		sleep 0.1
+	done
+	die "the task_events workers did not connect to $EXT_DB"
+}
+
+worker_pids() {
+	q "$EXT_DB" "SELECT pid FROM pg_stat_activity WHERE backend_type = 'task_events worker' ORDER BY pid" | paste -sd' '
+}
+
+behind() { q "$EXT_DB" 'SELECT coalesce(sum(events_behind), 0) FROM task_events.handler_status'; }
+max_seq() { q "$EXT_DB" 'SELECT coalesce(max(seq), 0) FROM task_events.events'; }
+now_s() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now_s)" 'BEGIN {printf "%.2f", b - a}'; }
+
+# Wait until every handler has caught up; print the seconds it took.
+# Cheap polling of the handlers' positions first, then the exact view.
+catch_up() {
+	local t0 target
+	t0=$(now_s)
+	target=$(max_seq)
+	while (($(q "$EXT_DB" "SELECT coalesce(min(s.last_seq), 0) FROM task_events.handler_state s
+			JOIN task_events.handlers h USING (handler) WHERE h.enabled") < target)); do
+		timed_out "$t0" && die "the handlers did not catch up within ${CATCHUP_TIMEOUT}s: $(behind) events behind"
+		sleep 0.1
+	done
+	while (($(behind) > 0)); do
+		timed_out "$t0" && die "the handlers did not catch up within ${CATCHUP_TIMEOUT}s: $(behind) events behind"
+		sleep 0.1
+	done
+	elapsed "$t0"
+}
+timed_out() { awk -v a="$1" -v b="$(now_s)" -v l="$CATCHUP_TIMEOUT" 'BEGIN {exit !(b - a > l)}'; }
+
+# An empty event log and empty handler tables: the extension is dropped and
+# created again in one transaction (the workers never see it missing).
+# A worker still in a batch can deadlock with the DROP (which then fails):
+# try again.
+reset_ext() {
+	local try
+	catch_up >/dev/null
+	for try in 1 2 3 4 5; do
+		if psql -d "$EXT_DB" -1 -c 'DROP EXTENSION task_events' -c 'CREATE EXTENSION task_events' 2>"$RAW/reset.err"; then
+			wait_workers
+			return 0
+		fi
+		log "resetting the extension failed (try $try): $(head -n 1 "$RAW/reset.err")"
+		sleep 1
+	done
+	die "could not drop and create the extension"
+}
+
+reset_baseline() {
+	psql -d "$BASE_DB" -c 'TRUNCATE plpgsql_impl.tasks, plpgsql_impl.events, plpgsql_impl.notifications,
+		plpgsql_impl.analytics_counters, plpgsql_impl.completion_stats, plpgsql_impl.audit_log,
+		ceiling.tasks, ceiling.events, ceiling.notifications, ceiling.analytics_counters,
+		ceiling.completion_stats, ceiling.audit_log RESTART IDENTITY'
+}
+
+# run_pgbench TAG DB SCRIPT CLIENTS SECONDS [pgbench options...]
+# Prints "tps latency_ms failed"; the full output is kept in $RAW/TAG.txt.
+# A client that aborts (an error in the script) fails the bench.
+run_pgbench() {
+	local tag=$1 db=$2 script=$3 clients=$4 secs=$5 threads out
+	shift 5
+	threads=$((clients < 2 ? clients : 2))
+	out=$RAW/$tag.txt
+	if ! "$PG_BIN/pgbench" -n -M prepared -c "$clients" -j "$threads" -T "$secs" "$@" \
+		-f "$BENCH/$script" "$db" >"$out" 2>&1; then
+		cat "$out" >&2
+		die "pgbench failed: $tag"
+	fi
+	if grep -q 'aborted' "$out"; then
+		cat "$out" >&2
+		die "pgbench clients aborted: $tag"
+	fi
+	awk '/^tps = / {tps = $3}
+		/^latency average = / {lat = $4}
+		/^number of failed transactions: / {failed = $5}
+		END {printf "%s %s %s\n", tps, lat, (failed == "" ? 0 : failed)}' "$out"
+}
+
+# gen_lifecycles EVENTS: append EVENTS events (complete lifecycles: create,
+# start, complete = 4 events per task) in chunks of CHUNK_EVENTS, from two
+# sessions in parallel, printing progress.  Returns when all committed.
+gen_lifecycles() {
+	local events=$1 tasks chunks per i s pids=() t0 last=0
+	tasks=$(((events + 3) / 4))
+	chunks=$(((tasks * 4 + CHUNK_EVENTS - 1) / CHUNK_EVENTS))
+	t0=$(now_s)
+	for s in 0 1; do
+		per=$(((chunks - s + 1) / 2))
+		(
+			for ((i = 0; i < per; i++)); do
+				n=$((CHUNK_EVENTS / 4))
+				remaining=$((tasks - (2 * i + s) * n))
+				((remaining < n)) && n=$remaining
+				((n > 0)) || break
+				echo "SELECT count(*) FROM (SELECT task_events.complete_task((task_events.update_status(
+					(task_events.create_task(((g % 1000) + 1)::text, 'Benchmark task',
+					'A task created by the benchmark')).task_id, 'in_progress')).task_id)
+					FROM pg_catalog.generate_series(1, $n) AS g) AS s;"
+			done | "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -d "$EXT_DB" >/dev/null
+		) &
+		pids+=($!)
+	done
+	while :; do
+		local running=0 p
+		for p in "${pids[@]}"; do
+			kill -0 "$p" 2>/dev/null && running=1
+		done
+		((running)) || break
+		sleep 1
+		if (($(date +%s) - last >= 15)); then
+			last=$(date +%s)
+			log "  log at $(max_seq) events, slowest handler at $(q "$EXT_DB" \
+				'SELECT coalesce(min(last_seq), 0) FROM task_events.handler_state') ($(elapsed "$t0") s)"
+		fi
+	done
+	for p in "${pids[@]}"; do
+		wait "$p" || die "generating events failed"
+	done
+}
+
+# The workers' memory: VmRSS, RssAnon, RssShmem (kB) from /proc, and the
+# total of their memory contexts (bytes) that pg_log_backend_memory_contexts
+# writes to the server log.  Appends one CSV line per worker.
+worker_memory() {
+	local label=$1 pid rss anon shmem ctx
+	for pid in $(worker_pids); do
+		rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")
+		anon=$(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status")
+		shmem=$(awk '/^RssShmem:/ {print $2}' "/proc/$pid/status")
+		local lines
+		lines=$(grep -c "\[$pid\].*Grand total" "$DATADIR/server.log" || true)
+		q "$EXT_DB" "SELECT pg_log_backend_memory_contexts($pid)" >/dev/null
+		ctx=
+		for _ in $(seq 1 50); do
+			if (($(grep -c "\[$pid\].*Grand total" "$DATADIR/server.log" || true) > lines)); then
+				ctx=$(grep "\[$pid\].*Grand total" "$DATADIR/server.log" | tail -n 1 |
+					sed -n 's/.*Grand total: \([0-9]*\) bytes.*/\1/p')
+				break
+			fi
+			sleep 0.1
+		done
+		echo "$label,$pid,$rss,$anon,$shmem,$ctx" >>"$OUT/memory.csv"
+	done
+}
+
+# Every CSV file starts with its header only, so that the report also works
+# for a run of some parts (BENCH_PARTS).
+init_csv() {
+	echo "workload,variant,clients,seconds,tps,events_per_s,latency_ms,failed,events,behind_at_end,catchup_s,notes" \
+		>"$OUT/throughput.csv"
+	echo "mode,clients,rate_target,seconds,rate_achieved,events,p50_ms,p99_ms,max_ms,client_latency_ms,schedule_lag_ms" \
+		>"$OUT/latency.csv"
+	echo "mode,t,events_behind,seconds_behind" >"$OUT/lag_samples.csv"
+	echo "mode,clients,seconds,write_events_per_s,max_behind,end_behind,max_seconds_behind,slope_second_half,catchup_s,bounded" \
+		>"$OUT/lag.csv"
+	echo "label,log_events,mode,clients,seconds,tps,latency_ms" >"$OUT/log_size.csv"
+	echo "when,pid,vmrss_kb,rssanon_kb,rssshmem_kb,context_bytes" >"$OUT/memory.csv"
+	echo "events,handlers,mode,generate_s,drain_s,events_per_s,handler_events_per_s" >"$OUT/drain.csv"
+	echo "handler,processed,batches,mean_batch_ms,max_batch_ms" >"$OUT/drain_handlers.csv"
+}
+
+# ---------------------------------------------------------------- part 1
+part_throughput() {
+	local workload clients variant tag r tps lat failed events behind_end catchup mode per_event notes
+	for workload in create_task lifecycle; do
+		for clients in $CLIENTS; do
+			for variant in ext_commit ext_relay ext_off plpgsql_notify plpgsql_nonotify ceiling_write ceiling_pipeline; do
+				tag=${workload}_${variant}_c$clients
+				behind_end='' catchup='' notes=''
+				case $variant in
+				ext_*)
+					mode=${variant#ext_}
+					if [[ $HAVE_MODES != 1 && $mode != commit ]]; then
+						echo "$workload,$variant,$clients,$SECONDS_RUN,,,,,,,,notify_mode not available" >>"$OUT/throughput.csv"
+						log "$tag: not available (no task_events.notify_mode)"
+						continue
+					fi
+					reset_ext
+					set_mode "$mode"
+					psql -d "$EXT_DB" -c CHECKPOINT
+					r=$(PGOPTIONS='-c search_path=task_events' run_pgbench "$tag" "$EXT_DB" \
+						"$workload.pgbench" "$clients" "$SECONDS_RUN")
+					behind_end=$(behind)
+					catchup=$(catch_up)
+					events=$(max_seq)
+					;;
+				plpgsql_*)
+					reset_baseline
+					psql -d "$BASE_DB" -c CHECKPOINT
+					local opts='-c search_path=plpgsql_impl'
+					[[ $variant == plpgsql_nonotify ]] && opts+=' -c plpgsql_impl.notify=off'
+					r=$(PGOPTIONS=$opts run_pgbench "$tag" "$BASE_DB" "$workload.pgbench" "$clients" "$SECONDS_RUN")
+					events=$(q "$BASE_DB" 'SELECT count(*) FROM plpgsql_impl.events')
+					;;
+				ceiling_*)
+					reset_baseline
+					psql -d "$BASE_DB" -c CHECKPOINT
+					r=$(run_pgbench "$tag" "$BASE_DB" "${variant}_$workload.pgbench" "$clients" "$SECONDS_RUN")
+					events=$(q "$BASE_DB" 'SELECT count(*) FROM ceiling.events')
+					;;
+				esac
+				read -r tps lat failed <<<"$r"
+				per_event=$(awk -v e="$events" -v s="$SECONDS_RUN" 'BEGIN {printf "%.1f", e / s}')
+				echo "$workload,$variant,$clients,$SECONDS_RUN,$tps,$per_event,$lat,$failed,$events,$behind_end,$catchup,$notes" \
+					>>"$OUT/throughput.csv"
+				log "$tag: $tps tps, $per_event events/s${behind_end:+, $behind_end events behind at the end, caught up in ${catchup}s}"
+			done
+		done
+	done
+}
+
+# ---------------------------------------------------------------- part 3
+part_latency() {
+	local mode seq0 r tps lat failed stats achieved
+	for mode in "${MODES[@]}"; do
+		reset_ext
+		set_mode "$mode"
+		psql -d "$EXT_DB" -c CHECKPOINT
+		seq0=$(max_seq)
+		r=$(PGOPTIONS='-c search_path=task_events' run_pgbench "latency_$mode" "$EXT_DB" \
+			create_task.pgbench "$MAIN_CLIENTS" "$SECONDS_RUN" --rate "$RATE")
+		read -r tps lat failed <<<"$r"
+		catch_up >/dev/null
+		stats=$(q "$EXT_DB" "SELECT count(*), round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3),
+				round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 3), round(max(ms)::numeric, 3)
+			FROM (SELECT 1000 * date_part('epoch', a.recorded_at - pg_xact_commit_timestamp(xid(e.xact_id))) AS ms
+				  FROM task_events.events e JOIN task_events.audit_log a USING (event_id)
+				  WHERE e.seq > $seq0) AS s" | tr '|' ' ')
+		read -r events p50 p99 max <<<"$stats"
+		achieved=$(awk -v e="$events" -v s="$SECONDS_RUN" 'BEGIN {printf "%.1f", e / s}')
+		local slag
+		slag=$(awk '/^rate limit schedule lag: avg/ {print $6}' "$RAW/latency_$mode.txt")
+		echo "$mode,$MAIN_CLIENTS,$RATE,$SECONDS_RUN,$achieved,$events,$p50,$p99,$max,$lat,$slag" >>"$OUT/latency.csv"
+		log "latency $mode: $achieved events/s, commit -> audit row p50 $p50 ms, p99 $p99 ms, max $max ms"
+	done
+}
+
+# ---------------------------------------------------------------- part 4
+part_lag() {
+	local mode seq0 r tps lat failed behind_end catchup events t0 samples
+	for mode in "${MODES[@]}"; do
+		reset_ext
+		set_mode "$mode"
+		psql -d "$EXT_DB" -c CHECKPOINT
+		seq0=$(max_seq)
+		t0=$(now_s)
+		(
+			while :; do
+				q "$EXT_DB" "SELECT '$mode', round((date_part('epoch', clock_timestamp()) - $t0)::numeric, 2),
+					coalesce(sum(events_behind), 0), round(coalesce(max(seconds_behind), 0)::numeric, 3)
+					FROM task_events.handler_status" | tr '|' ',' >>"$OUT/lag_samples.csv"
+				sleep 1
+			done
+		) &
+		SAMPLER_PID=$!
+		r=$(PGOPTIONS='-c search_path=task_events' run_pgbench "lag_$mode" "$EXT_DB" \
+			create_task.pgbench "$MAIN_CLIENTS" "$LAG_SECONDS")
+		kill "$SAMPLER_PID" 2>/dev/null || true
+		wait "$SAMPLER_PID" 2>/dev/null || true
+		SAMPLER_PID=
+		behind_end=$(behind)
+		catchup=$(catch_up)
+		events=$(($(max_seq) - seq0))
+		# Bounded: over the second half of the run the backlog grew by less
+		# than 5% of the write rate (the workers drained at least 95% of it).
+		samples=$(awk -F, -v m="$mode" '$1 == m {printf "%s(%s,%s,%s)", sep, $2, $3, $4; sep = ","}' \
+			"$OUT/lag_samples.csv")
+		[[ -n $samples ]] || samples="(0, 0, 0)"
+		q "$EXT_DB" "WITH s AS (SELECT t::float8 AS t, b::float8 AS b, sb::float8 AS sb FROM (VALUES
+				$samples) AS v(t, b, sb)),
+			w AS (SELECT $events / $LAG_SECONDS.0 AS rate)
+			SELECT '$mode', $MAIN_CLIENTS, $LAG_SECONDS, round(w.rate, 1), max(s.b), $behind_end,
+				   round(max(s.sb)::numeric, 3),
+				   round(coalesce(regr_slope(s.b, s.t) FILTER (WHERE s.t >= $LAG_SECONDS / 2.0), 0)::numeric, 1),
+				   $catchup,
+				   coalesce(regr_slope(s.b, s.t) FILTER (WHERE s.t >= $LAG_SECONDS / 2.0), 0) < 0.05 * w.rate
+			FROM s, w GROUP BY w.rate" | tr '|' ',' >>"$OUT/lag.csv"
+		log "lag $mode: $(tail -n 1 "$OUT/lag.csv")"
+	done
+}
+
+# ---------------------------------------------------------------- parts 2, 5, 6
+# The empty-log throughput, then the drain of a backlog (with the workers'
+# memory around it), then the log filled to BENCH_LOG_EVENTS and the same
+# throughput again.
+part_drain_and_log() {
+	local r tps lat failed seq0 t0 drain_s gen_s n events handlers
+
+	reset_ext
+	set_mode "$BEST_MODE"
+	if [[ " $PARTS " == *" log "* ]]; then
+		psql -d "$EXT_DB" -c CHECKPOINT
+		r=$(PGOPTIONS='-c search_path=task_events' run_pgbench "log_empty" "$EXT_DB" \
+			create_task.pgbench "$MAIN_CLIENTS" "$SECONDS_RUN")
+		read -r tps lat failed <<<"$r"
+		echo "empty,0,$BEST_MODE,$MAIN_CLIENTS,$SECONDS_RUN,$tps,$lat" >>"$OUT/log_size.csv"
+		log "create_task on an empty log: $tps tps"
+		catch_up >/dev/null
+	fi
+
+	# Part 2: a backlog written while the handlers are disabled, then the
+	# time for the workers to handle all of it.
+	if [[ " $PARTS " == *" drain "* ]]; then
+		psql -d "$EXT_DB" -c 'UPDATE task_events.handlers SET enabled = false'
+		seq0=$(max_seq)
+		log "drain: writing a backlog of $DRAIN_EVENTS events (handlers disabled)"
+		t0=$(now_s)
+		gen_lifecycles "$DRAIN_EVENTS"
+		gen_s=$(elapsed "$t0")
+		events=$(($(max_seq) - seq0))
+		psql -d "$EXT_DB" -c CHECKPOINT -c 'DROP TABLE IF EXISTS public.bench_handlers_before' \
+			-c 'CREATE TABLE public.bench_handlers_before AS SELECT handler, processed, batches,
+				coalesce(mean_batch_ms * batches, 0) AS batch_ms FROM task_events.handler_status'
+		worker_memory before_drain
+		handlers=$(q "$EXT_DB" 'SELECT count(*) FROM task_events.handlers')
+		log "drain: $events events written in ${gen_s}s; enabling the $handlers handlers"
+		# The commit of create_task wakes the workers at once.
+		t0=$(now_s)
+		psql -d "$EXT_DB" -c 'BEGIN' -c 'UPDATE task_events.handlers SET enabled = true' \
+			-c "SELECT task_id FROM task_events.create_task('0', 'wake up')" -c 'COMMIT' >/dev/null
+		drain_s=$(catch_up)
+		n=$((events + 1))
+		echo "$n,$handlers,$BEST_MODE,$gen_s,$drain_s,$(awk -v n="$n" -v s="$drain_s" 'BEGIN {printf "%.0f", n / s}'),$(awk -v n="$n" -v h="$handlers" -v s="$drain_s" 'BEGIN {printf "%.0f", n * h / s}')" \
+			>>"$OUT/drain.csv"
+		q "$EXT_DB" "SELECT a.handler, a.processed - b.processed, a.batches - b.batches,
+				round(((a.mean_batch_ms * a.batches - b.batch_ms) / nullif(a.batches - b.batches, 0))::numeric, 2),
+				round(a.max_batch_ms::numeric, 2)
+			FROM task_events.handler_status a JOIN public.bench_handlers_before b USING (handler)
+			ORDER BY a.handler" | tr '|' ',' >>"$OUT/drain_handlers.csv"
+		worker_memory after_drain
+		log "drain: $n events through $handlers handlers in ${drain_s}s"
+	fi
+
+	# Part 6: fill the log, handlers running, then measure again.
+	if [[ " $PARTS " == *" log "* ]]; then
+		n=$((LOG_EVENTS - $(max_seq)))
+		if ((n > 0)); then
+			log "log: filling the event log to $LOG_EVENTS events (handlers running)"
+			t0=$(now_s)
+			gen_lifecycles "$n"
+			log "log: written in $(elapsed "$t0")s; waiting for the handlers"
+			log "log: handlers caught up $(catch_up)s after the last write"
+		fi
+		log "log: VACUUM ANALYZE and CHECKPOINT"
+		psql -d "$EXT_DB" -c 'VACUUM (ANALYZE) task_events.events, task_events.tasks, task_events.audit_log,
+			task_events.notifications, task_events.analytics_counters, task_events.completion_stats,
+			task_events.handler_state' -c CHECKPOINT
+		events=$(q "$EXT_DB" 'SELECT count(*) FROM task_events.events')
+		r=$(PGOPTIONS='-c search_path=task_events' run_pgbench "log_full" "$EXT_DB" \
+			create_task.pgbench "$MAIN_CLIENTS" "$SECONDS_RUN")
+		read -r tps lat failed <<<"$r"
+		echo "full,$events,$BEST_MODE,$MAIN_CLIENTS,$SECONDS_RUN,$tps,$lat" >>"$OUT/log_size.csv"
+		log "create_task with $events events in the log: $tps tps"
+		catch_up >/dev/null
+		worker_memory after_log_fill
+	fi
+}
+
+# ---------------------------------------------------------------- run
+START=$(now_s)
+init_csv
+for part in $PARTS; do
+	case $part in
+	throughput | latency | lag) ;;
+	drain | log) continue ;;
+	*) die "unknown part $part (BENCH_PARTS)" ;;
+	esac
+	log "==== $part"
+	"part_$part"
+done
+if [[ " $PARTS " == *" drain "* || " $PARTS " == *" log "* ]]; then
+	log "==== drain / log size"
+	part_drain_and_log
+fi
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.txt"
+echo "bench duration: $(elapsed "$START") s" >>"$OUT/machine.txt"
+log "measurements done in $(elapsed "$START")s"
+
+# ---------------------------------------------------------------- report
+# report.sql reads the CSV files from the current directory.
+(cd "$OUT" && "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d postgres -v main_clients="$MAIN_CLIENTS" \
+	-v drain_target=50000 -f "$BENCH/report.sql") | tee "$OUT/report.md"
+
+if (($(wc -l <"$OUT/throughput.csv") <= 1)); then
+	log "no throughput measured: no plot"
+elif command -v gnuplot >/dev/null; then
+	gnuplot -e "datafile='$OUT/throughput.csv'; outfile='$OUT/throughput.png'" "$BENCH/plot.gp"
+	log "plot written to $OUT/throughput.png"
+else
+	log "gnuplot is not installed: no plot (bench/run.sh installs gnuplot-nox)"
+fi
+log "results in $OUT"

@@ -1,0 +1,229 @@
+/*
+ * report.sql: the comparison report of a bench run, as Markdown, from the
+ * CSV files in the current directory (bench.sh runs it there with psql
+ * -v main_clients=N -v drain_target=N).  Ratios are against the PL/pgSQL baseline (with
+ * NOTIFY) and the two ceilings measured in the same run.
+ */
+\pset format unaligned
+\pset tuples_only on
+\pset footer off
+
+CREATE TEMP TABLE throughput (workload text, variant text, clients int, seconds int, tps float8,
+	events_per_s float8, latency_ms float8, failed bigint, events bigint, behind_at_end bigint,
+	catchup_s float8, notes text);
+CREATE TEMP TABLE latency (mode text, clients int, rate_target int, seconds int, rate_achieved float8,
+	events bigint, p50_ms float8, p99_ms float8, max_ms float8, client_latency_ms float8,
+	schedule_lag_ms float8);
+CREATE TEMP TABLE lag (mode text, clients int, seconds int, write_events_per_s float8,
+	max_behind bigint, end_behind bigint, max_seconds_behind float8, slope_second_half float8,
+	catchup_s float8, bounded boolean);
+CREATE TEMP TABLE log_size (label text, log_events bigint, mode text, clients int, seconds int,
+	tps float8, latency_ms float8);
+CREATE TEMP TABLE memory (at text, pid int, vmrss_kb bigint, rssanon_kb bigint, rssshmem_kb bigint,
+	context_bytes bigint);
+CREATE TEMP TABLE drain (events bigint, handlers int, mode text, generate_s float8, drain_s float8,
+	events_per_s float8, handler_events_per_s float8);
+CREATE TEMP TABLE drain_handlers (handler text, processed bigint, batches bigint,
+	mean_batch_ms float8, max_batch_ms float8);
+
+\copy throughput FROM 'throughput.csv' CSV HEADER
+\copy latency FROM 'latency.csv' CSV HEADER
+\copy lag FROM 'lag.csv' CSV HEADER
+\copy log_size FROM 'log_size.csv' CSV HEADER
+\copy memory FROM 'memory.csv' CSV HEADER
+\copy drain FROM 'drain.csv' CSV HEADER
+\copy drain_handlers FROM 'drain_handlers.csv' CSV HEADER
+
+CREATE TEMP TABLE variants (variant text, ord int, label text);
+INSERT INTO variants VALUES
+	('ext_commit', 1, 'extension, notify_mode commit'),
+	('ext_relay', 2, 'extension, notify_mode relay'),
+	('ext_off', 3, 'extension, notify_mode off'),
+	('plpgsql_notify', 4, 'PL/pgSQL + triggers, NOTIFY (baseline)'),
+	('plpgsql_nonotify', 5, 'PL/pgSQL + triggers, no NOTIFY'),
+	('ceiling_write', 6, 'write ceiling (task + event rows)'),
+	('ceiling_pipeline', 7, 'pipeline ceiling (+ handler rows)');
+
+CREATE TEMP TABLE client_counts AS SELECT DISTINCT clients FROM throughput ORDER BY clients;
+
+CREATE FUNCTION pg_temp.num(x float8, digits int DEFAULT 0) RETURNS text
+	LANGUAGE sql IMMUTABLE
+	RETURN CASE WHEN x IS NULL THEN 'n/a' ELSE to_char(round(x::numeric, digits), 'FM999,999,999,990' ||
+		CASE WHEN digits > 0 THEN '.' || repeat('0', digits) ELSE '' END) END;
+CREATE FUNCTION pg_temp.ratio(a float8, b float8) RETURNS text
+	LANGUAGE sql IMMUTABLE
+	RETURN CASE WHEN a IS NULL OR b IS NULL OR b = 0 THEN 'n/a'
+		ELSE to_char(round((a / b)::numeric, 2), 'FM990.00') || '×' END;
+CREATE FUNCTION pg_temp.tps(w text, v text, c int) RETURNS float8
+	LANGUAGE sql STABLE
+	RETURN (SELECT t.tps FROM throughput t WHERE t.workload = w AND t.variant = v AND t.clients = c);
+
+\qecho '## Throughput'
+\qecho
+\qecho 'Transactions per second as pgbench counts them: one `create_task` call, or one'
+\qecho 'lifecycle (create, start, complete: three transactions, four events). Each cell:'
+\qecho 'rate, then its ratio to the PL/pgSQL baseline with NOTIFY at the same client count.'
+\qecho
+
+SELECT format(E'### %s\n\n| variant | %s | × pipeline ceiling @%s | × write ceiling @%s |\n|---|%s---|---|',
+			  w.workload,
+			  (SELECT string_agg(clients || CASE WHEN clients = 1 THEN ' client' ELSE ' clients' END, ' | ' ORDER BY clients) FROM client_counts),
+			  :main_clients, :main_clients,
+			  (SELECT string_agg('---|', '' ORDER BY clients) FROM client_counts))
+	   || E'\n' ||
+	   (SELECT string_agg(format('| %s | %s | %s | %s |', v.label,
+				(SELECT string_agg(CASE WHEN pg_temp.tps(w.workload, v.variant, cc.clients) IS NULL THEN 'n/a'
+						ELSE pg_temp.num(pg_temp.tps(w.workload, v.variant, cc.clients)) || ' (' ||
+							 pg_temp.ratio(pg_temp.tps(w.workload, v.variant, cc.clients),
+										   pg_temp.tps(w.workload, 'plpgsql_notify', cc.clients)) || ')' END,
+						' | ' ORDER BY cc.clients) FROM client_counts cc),
+				pg_temp.ratio(pg_temp.tps(w.workload, v.variant, :main_clients),
+							  pg_temp.tps(w.workload, 'ceiling_pipeline', :main_clients)),
+				pg_temp.ratio(pg_temp.tps(w.workload, v.variant, :main_clients),
+							  pg_temp.tps(w.workload, 'ceiling_write', :main_clients))),
+			E'\n' ORDER BY v.ord)
+		FROM variants v)
+	   || E'\n'
+FROM (SELECT DISTINCT workload FROM throughput) AS w
+ORDER BY w.workload;
+
+\qecho '### Did the workers keep up?'
+\qecho
+\qecho 'Extension runs: events written per second, events not yet handled when pgbench'
+\qecho 'stopped, and the seconds the workers then took to catch up.'
+\qecho
+\qecho '| workload | variant | clients | events/s | behind at end | catch-up (s) |'
+\qecho '|---|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s | %s |', t.workload, v.label, t.clients,
+			  pg_temp.num(t.events_per_s), pg_temp.num(t.behind_at_end), pg_temp.num(t.catchup_s, 2))
+FROM throughput t JOIN variants v USING (variant)
+WHERE t.variant LIKE 'ext%' AND t.tps IS NOT NULL
+ORDER BY t.workload, v.ord, t.clients;
+\qecho
+
+\qecho '## Drain of a backlog'
+\qecho
+\qecho '| events | handlers | notify_mode | written in (s) | drained in (s) | events/s | handler-events/s |'
+\qecho '|---|---|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s | %s | %s |', pg_temp.num(events), handlers, mode,
+			  pg_temp.num(generate_s, 1), pg_temp.num(drain_s, 1), pg_temp.num(events_per_s),
+			  pg_temp.num(handler_events_per_s))
+FROM drain;
+\qecho
+\qecho '| handler | processed | batches | mean batch (ms) | max batch (ms) |'
+\qecho '|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s |', handler, pg_temp.num(processed), pg_temp.num(batches),
+			  pg_temp.num(mean_batch_ms, 2), pg_temp.num(max_batch_ms, 2))
+FROM drain_handlers ORDER BY handler;
+\qecho
+
+\qecho '## Latency from commit to the audit row'
+\qecho
+\qecho '`audit_log.recorded_at - pg_xact_commit_timestamp(events.xact_id)`, for every event'
+\qecho 'of a `create_task` run paced with `pgbench --rate`.'
+\qecho
+\qecho '| notify_mode | clients | target events/s | achieved events/s | p50 (ms) | p99 (ms) | max (ms) | client latency (ms) | schedule lag (ms) |'
+\qecho '|---|---|---|---|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s | %s | %s | %s | %s |', mode, clients, rate_target,
+			  pg_temp.num(rate_achieved), pg_temp.num(p50_ms, 2), pg_temp.num(p99_ms, 2),
+			  pg_temp.num(max_ms, 2), pg_temp.num(client_latency_ms, 2), pg_temp.num(schedule_lag_ms, 2))
+FROM latency ORDER BY array_position(ARRAY['commit', 'relay', 'off'], mode);
+\qecho
+
+\qecho '## Handler lag at the maximum write rate'
+\qecho
+\qecho '`create_task`, unthrottled; `events_behind` sampled every second. Bounded: over the'
+\qecho 'second half of the run the backlog grew by less than 5% of the write rate.'
+\qecho
+\qecho '| notify_mode | clients | seconds | events/s written | max behind | behind at end | max seconds behind | backlog growth, 2nd half (events/s) | catch-up (s) | bounded |'
+\qecho '|---|---|---|---|---|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |', mode, clients, seconds,
+			  pg_temp.num(write_events_per_s), pg_temp.num(max_behind), pg_temp.num(end_behind),
+			  pg_temp.num(max_seconds_behind, 2), pg_temp.num(slope_second_half, 1),
+			  pg_temp.num(catchup_s, 2), CASE WHEN bounded THEN 'yes' ELSE 'no' END)
+FROM lag ORDER BY array_position(ARRAY['commit', 'relay', 'off'], mode);
+\qecho
+
+\qecho '## Worker memory'
+\qecho
+\qecho 'Per worker: VmRSS (all resident pages, shared buffers it touched included),'
+\qecho 'RssAnon (its private memory) and the total of its memory contexts.'
+\qecho
+\qecho '| when | pid | VmRSS (MB) | RssAnon (MB) | RssShmem (MB) | memory contexts (MB) |'
+\qecho '|---|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s | %s |', at, pid, pg_temp.num(vmrss_kb / 1024.0, 1),
+			  pg_temp.num(rssanon_kb / 1024.0, 1), pg_temp.num(rssshmem_kb / 1024.0, 1),
+			  pg_temp.num(context_bytes / 1048576.0, 2))
+FROM memory ORDER BY array_position(ARRAY['before_drain', 'after_drain', 'after_log_fill'], at), pid;
+\qecho
+
+\qecho '## create_task and the size of the event log'
+\qecho
+\qecho '| log | events in the log | notify_mode | clients | tps | × empty log |'
+\qecho '|---|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s | %s |', label, pg_temp.num(log_events), mode, clients, pg_temp.num(tps),
+			  pg_temp.ratio(tps, (SELECT tps FROM log_size WHERE label = 'empty')))
+FROM log_size ORDER BY log_events;
+\qecho
+
+/* The targets of issue 4. */
+CREATE TEMP TABLE targets (ord serial, target text, measured text, met boolean);
+INSERT INTO targets (target, measured, met)
+SELECT format('%s: relay >= 2x PL/pgSQL (%s clients)', w, :main_clients),
+	   pg_temp.ratio(pg_temp.tps(w, 'ext_relay', :main_clients), pg_temp.tps(w, 'plpgsql_notify', :main_clients)),
+	   pg_temp.tps(w, 'ext_relay', :main_clients) >= 2 * pg_temp.tps(w, 'plpgsql_notify', :main_clients)
+FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
+INSERT INTO targets (target, measured, met)
+SELECT format('%s: relay >= 0.9x pipeline ceiling (%s clients)', w, :main_clients),
+	   pg_temp.ratio(pg_temp.tps(w, 'ext_relay', :main_clients), pg_temp.tps(w, 'ceiling_pipeline', :main_clients)),
+	   pg_temp.tps(w, 'ext_relay', :main_clients) >= 0.9 * pg_temp.tps(w, 'ceiling_pipeline', :main_clients)
+FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
+INSERT INTO targets (target, measured, met)
+SELECT format('%s: relay workers keep up (%s clients; caught up within max(1 s, 10%% of the run))', w, :main_clients),
+	   (SELECT format('%s behind at end, caught up in %s s', pg_temp.num(behind_at_end), pg_temp.num(catchup_s, 2))
+		FROM throughput WHERE workload = w AND variant = 'ext_relay' AND clients = :main_clients),
+	   (SELECT catchup_s <= greatest(1, 0.1 * seconds) FROM throughput
+		WHERE workload = w AND variant = 'ext_relay' AND clients = :main_clients)
+FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
+INSERT INTO targets (target, measured, met)
+SELECT format('%s: commit >= 1.2x PL/pgSQL (%s clients)', w, :main_clients),
+	   pg_temp.ratio(pg_temp.tps(w, 'ext_commit', :main_clients), pg_temp.tps(w, 'plpgsql_notify', :main_clients)),
+	   pg_temp.tps(w, 'ext_commit', :main_clients) >= 1.2 * pg_temp.tps(w, 'plpgsql_notify', :main_clients)
+FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
+INSERT INTO targets (target, measured, met)
+SELECT format('drain >= %s events/s', pg_temp.num(:drain_target)),
+	   (SELECT pg_temp.num(events_per_s) || ' events/s' FROM drain),
+	   (SELECT events_per_s >= :drain_target FROM drain);
+INSERT INTO targets (target, measured, met)
+SELECT format('latency at %s events/s (%s): p50 <= 2 ms, p99 <= 10 ms', rate_target, mode),
+	   format('p50 %s ms, p99 %s ms (achieved %s events/s)', pg_temp.num(p50_ms, 2), pg_temp.num(p99_ms, 2),
+			  pg_temp.num(rate_achieved)),
+	   p50_ms <= 2 AND p99_ms <= 10 AND rate_achieved >= 0.9 * rate_target
+FROM latency ORDER BY array_position(ARRAY['relay', 'commit', 'off'], mode);
+INSERT INTO targets (target, measured, met)
+SELECT format('lag bounded at max write rate (%s)', mode),
+	   format('%s events/s written, max %s behind, growth %s events/s', pg_temp.num(write_events_per_s),
+			  pg_temp.num(max_behind), pg_temp.num(slope_second_half, 1)),
+	   bounded
+FROM lag ORDER BY array_position(ARRAY['relay', 'commit', 'off'], mode);
+INSERT INTO targets (target, measured, met)
+SELECT format('worker %s grows < 10 MB over a million events', k),
+	   string_agg(format('pid %s: %s MB', b.pid, to_char(round((CASE k WHEN 'VmRSS' THEN a.vmrss_kb - b.vmrss_kb
+				ELSE a.rssanon_kb - b.rssanon_kb END) / 1024.0, 1), 'FM99990.0')), ', ' ORDER BY b.pid),
+	   bool_and(CASE k WHEN 'VmRSS' THEN a.vmrss_kb - b.vmrss_kb ELSE a.rssanon_kb - b.rssanon_kb END < 10240)
+FROM memory b JOIN memory a ON a.pid = b.pid AND a.at = 'after_drain'
+CROSS JOIN unnest(ARRAY['VmRSS', 'RssAnon (private)']) AS k
+WHERE b.at = 'before_drain'
+GROUP BY k ORDER BY k DESC;
+INSERT INTO targets (target, measured, met)
+SELECT format('create_task with %s events within 10%% of an empty log', pg_temp.num(f.log_events)),
+	   pg_temp.ratio(f.tps, e.tps), f.tps >= 0.9 * e.tps
+FROM log_size f, log_size e WHERE f.label = 'full' AND e.label = 'empty';
+
+\qecho '## Targets'
+\qecho
+\qecho '| target | measured | met |'
+\qecho '|---|---|---|'
+SELECT format('| %s | %s | %s |', target, coalesce(measured, 'n/a'),
+			  CASE WHEN met THEN 'met' WHEN NOT met THEN '**not met**' ELSE 'n/a' END)
+FROM targets ORDER BY ord;

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# CI smoke run of the benchmark (scripts/test.sh runs it as the OS user
+# postgres, after make install): every part of bench/bench.sh with tiny sizes,
+# in well under two minutes.  It checks that each part produced numbers, never
+# what they are: timings never fail CI.  Exits non-zero only when the bench
+# itself is broken.
+set -euo pipefail
+
+BENCH=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+OUT=$(mktemp -d /tmp/task_events_bench_smoke.XXXXXX)
+trap 'rm -rf -- "$OUT"' EXIT
+
+BENCH_SMOKE=1 BENCH_OUT=$OUT bash "$BENCH/bench.sh"
+
+passed=0 failed=0
+# check NAME FILE MIN_ROWS AWK_CONDITION: FILE has at least MIN_ROWS data rows
+# and every data row satisfies the condition (fields split on commas).
+check() {
+	local name=$1 file=$OUT/$2 min=$3 cond=$4 rows bad
+	rows=$(($(wc -l <"$file") - 1))
+	bad=$(awk -F, "NR > 1 && !($cond)" "$file" | head -n 3)
+	if ((rows >= min)) && [[ -z $bad ]]; then
+		passed=$((passed + 1))
+		echo "ok: $name ($rows rows)"
+	else
+		failed=$((failed + 1))
+		echo "FAILED: $name: $rows rows (at least $min expected)${bad:+; rows without numbers: $bad}"
+	fi
+}
+num='^[0-9]+(\.[0-9]+)?$'
+check "throughput" throughput.csv 14 "(\$5 ~ /$num/ && \$5 > 0) || \$12 == \"notify_mode not available\""
+check "extension runs caught up" throughput.csv 14 "\$2 !~ /^ext/ || \$12 != \"\" || \$11 ~ /$num/"
+check "latency" latency.csv 1 "\$7 ~ /$num/ && \$8 ~ /$num/ && \$9 ~ /$num/"
+check "lag" lag.csv 1 "\$4 ~ /$num/ && \$5 ~ /$num/ && (\$10 == \"t\" || \$10 == \"f\")"
+check "drain" drain.csv 1 "\$6 ~ /$num/ && \$6 > 0"
+check "drain per handler" drain_handlers.csv 3 "\$2 ~ /$num/ && \$2 > 0"
+check "worker memory" memory.csv 2 "\$3 ~ /$num/ && \$4 ~ /$num/"
+check "log size" log_size.csv 2 "\$6 ~ /$num/ && \$6 > 0"
+if grep -q '^## Targets' "$OUT/report.md"; then
+	passed=$((passed + 1))
+	echo "ok: report"
+else
+	failed=$((failed + 1))
+	echo "FAILED: report.md has no targets table"
+fi
+echo "bench smoke: $passed passed, $failed failed"
+((failed == 0))
