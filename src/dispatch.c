@@ -582,17 +582,20 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 	/*
 	 * Per handler: its position, whether a window is open, its backoff, the
 	 * first event after its position visible now (the query of
-	 * te_window_min_seq), and whether dead letters wait for a retry.
+	 * te_window_min_seq; not while a window is open, when it would count the
+	 * rest of the window at every batch), and whether dead letters wait for
+	 * a retry.
 	 */
 	te_prepare_kept(&te_peek_plan,
 					"SELECT h.handler, p.ws, s.window_end IS NOT NULL, s.retry_at,"
+					"       CASE WHEN s.window_end IS NULL THEN"
 					"       (SELECT pg_catalog.min(w.seq)"
 					"        FROM (SELECT e.seq FROM task_events.events e"
 					"              WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(p.ws)"
 					"                AND e.xact_id OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax($1)"
 					"                AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, p.ws)"
 					"                AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
-					"              OFFSET 0) w),"
+					"              OFFSET 0) w) END,"
 					"       EXISTS (SELECT FROM task_events.dead_letters d"
 					"               WHERE d.handler OPERATOR(pg_catalog.=) h.handler AND d.retry_requested),"
 					"       s.handler IS NOT NULL"
