@@ -13,6 +13,7 @@ OBJS = \
 	src/domain_events.o \
 	src/task_domain.o \
 	src/event_log.o \
+	src/log_origin.o \
 	src/event_publish.o \
 	src/append_only.o \
 	src/wakeup.o \

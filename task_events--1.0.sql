@@ -209,6 +209,21 @@ CREATE TRIGGER audit_log_append_only
 ALTER TABLE task_events.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
 
 /*
+ * Which cluster's transaction ids events.xact_id and the handlers' positions
+ * are (src/log_origin.c): the system identifier of the cluster that wrote
+ * them.  pg_dump carries the row; after a restore into another cluster,
+ * writers and handlers refuse to run until adopt_restored_log() translated
+ * the ids.  No key: a restore into the same cluster adds an identical row.
+ */
+CREATE TABLE task_events.log_origin (
+	system_identifier bigint NOT NULL,
+	recorded_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+INSERT INTO task_events.log_origin (system_identifier)
+SELECT c.system_identifier FROM pg_catalog.pg_control_system() c;
+SELECT pg_catalog.pg_extension_config_dump('task_events.log_origin', '');
+
+/*
  * Handlers registered by users are dumped; the built-in ones are created by
  * CREATE EXTENSION in the restored database.
  */
@@ -274,6 +289,92 @@ CREATE FUNCTION task_events.retry_dead_letters(handler text DEFAULT NULL)
 	AS 'MODULE_PATHNAME', 'retry_dead_letters'
 	LANGUAGE C VOLATILE
 	SET search_path = pg_catalog, pg_temp;
+
+/*
+ * After a restore from another cluster: make the event log and the
+ * handlers' positions this cluster's, so that handling resumes exactly where
+ * the source stood (README, "Operations").  Superusers only.  Returns the
+ * number of events whose xact_id was rewritten (0 when nothing was to do).
+ *
+ * When every transaction id the log holds is below this cluster's next one
+ * (its counter is ahead of the source's), the ids can stay: new events get
+ * higher ids, invisible to every restored position.  Otherwise the ids are
+ * replaced: the events every handler had handled get id 3, and the events
+ * some handlers had not, one small id (4, 5, ...) per set of such handlers;
+ * each handler's position becomes a snapshot in which exactly the ids of
+ * the events it had not handled are in progress.  All those ids are far
+ * below this cluster's: every later snapshot sees them, none sees the new
+ * events.  Takes EXCLUSIVE locks on events and handler_state meanwhile.
+ */
+CREATE FUNCTION task_events.adopt_restored_log()
+	RETURNS bigint
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	me bigint := (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c);
+	next_xid xid8 := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot());
+	max_xid xid8;
+	top_xid bigint;
+	rewritten bigint := 0;
+BEGIN
+	LOCK TABLE task_events.log_origin IN EXCLUSIVE MODE;
+	IF NOT EXISTS (SELECT FROM task_events.log_origin o
+				   WHERE o.system_identifier OPERATOR(pg_catalog.<>) me) THEN
+		RETURN 0;
+	END IF;
+	LOCK TABLE task_events.events, task_events.handler_state IN EXCLUSIVE MODE;
+
+	SELECT GREATEST((SELECT pg_catalog.max(e.xact_id) FROM task_events.events e),
+					(SELECT pg_catalog.max(GREATEST(pg_catalog.pg_snapshot_xmax(s.window_start),
+													pg_catalog.pg_snapshot_xmax(s.window_end)))
+					 FROM task_events.handler_state s))
+	INTO max_xid;
+
+	IF max_xid IS NOT NULL AND max_xid OPERATOR(pg_catalog.>=) next_xid THEN
+		-- Per event, the handlers (with a position) that had not handled it.
+		CREATE TEMP TABLE te_pending ON COMMIT DROP AS
+		SELECT e.seq, pg_catalog.array_agg(s.handler ORDER BY s.handler) AS pending
+		FROM task_events.handler_state s
+		JOIN task_events.events e
+		  ON e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(s.window_start)
+		 AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, s.window_start)
+		 AND NOT (s.window_end IS NOT NULL
+				  AND pg_catalog.pg_visible_in_snapshot(e.xact_id, s.window_end)
+				  AND e.seq OPERATOR(pg_catalog.<=) s.window_seq)
+		GROUP BY e.seq;
+		CREATE TEMP TABLE te_pattern ON COMMIT DROP AS
+		SELECT p.pending,
+			   (3 OPERATOR(pg_catalog.+) pg_catalog.row_number() OVER (ORDER BY p.pending)) AS xid
+		FROM (SELECT DISTINCT d.pending FROM te_pending d) p;
+		top_xid := COALESCE((SELECT pg_catalog.max(t.xid) FROM te_pattern t), 3);
+		IF top_xid::pg_catalog.text::pg_catalog.xid8 OPERATOR(pg_catalog.>=) next_xid THEN
+			RAISE EXCEPTION 'too many distinct handler positions to adopt (% ids needed, next id %)',
+				top_xid, next_xid;
+		END IF;
+
+		ALTER TABLE task_events.events DISABLE TRIGGER events_append_only;
+		UPDATE task_events.events e SET xact_id = '3'::pg_catalog.xid8;
+		GET DIAGNOSTICS rewritten = ROW_COUNT;
+		UPDATE task_events.events e SET xact_id = t.xid::pg_catalog.text::pg_catalog.xid8
+		FROM te_pending p JOIN te_pattern t ON t.pending OPERATOR(pg_catalog.=) p.pending
+		WHERE e.seq OPERATOR(pg_catalog.=) p.seq;
+		ALTER TABLE task_events.events ENABLE ALWAYS TRIGGER events_append_only;
+
+		UPDATE task_events.handler_state s
+		SET window_start = pg_catalog.format('3:%s:%s', top_xid OPERATOR(pg_catalog.+) 1,
+				COALESCE((SELECT pg_catalog.string_agg(t.xid::pg_catalog.text, ',' ORDER BY t.xid)
+						  FROM te_pattern t
+						  WHERE s.handler OPERATOR(pg_catalog.=) ANY (t.pending)), ''))::pg_catalog.pg_snapshot,
+			window_end = NULL,
+			window_seq = 0;
+	END IF;
+
+	DELETE FROM task_events.log_origin;
+	INSERT INTO task_events.log_origin (system_identifier) VALUES (me);
+	RETURN rewritten;
+END
+$$;
 
 /*
  * How many events a handler has not handled yet, and the oldest one's time.

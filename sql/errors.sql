@@ -50,3 +50,11 @@ SELECT status, version FROM task_events.tasks WHERE task_id = :'id';
 
 -- A bad enum label is rejected by PostgreSQL itself before the call.
 SELECT * FROM regress.error_of(format('SELECT task_events.update_status(%L, %L)', :'id', 'done'));
+
+-- 22003: a version that cannot grow any more (only reachable by writing the
+-- table directly): refused, nothing written, no wrap-around.
+SELECT task_id AS maxed FROM task_events.create_task('alice', 'version at the limit') \gset
+UPDATE task_events.tasks SET version = 9223372036854775806 WHERE task_id = :'maxed';
+SELECT sqlstate, message
+FROM regress.error_of(format('SELECT task_events.update_status(%L, %L)', :'maxed', 'in_progress'));
+SELECT count(*) AS events_of_maxed FROM task_events.events WHERE aggregate_id = :'maxed';

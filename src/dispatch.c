@@ -36,6 +36,7 @@
 
 #include "commit_horizon.h"
 #include "dispatch.h"
+#include "log_origin.h"
 #include "spi_util.h"
 #include "task_events.h"
 
@@ -578,6 +579,8 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 	TimestampTz now = GetCurrentTimestamp();
 	List	   *peeks = NIL;
 	uint64		i;
+
+	te_require_native_log();
 
 	/*
 	 * Per handler: its position, whether a window is open, its backoff, the

@@ -13,6 +13,7 @@
 #include "utils/builtins.h"
 
 #include "event_log.h"
+#include "log_origin.h"
 #include "spi_util.h"
 #include "task_events.h"
 #include "validate.h"
@@ -34,6 +35,7 @@ te_append_event(TaskEvent *ev)
 	Datum		values[8];
 	bool		isnull;
 
+	te_require_native_log();
 	te_prepare_kept(&te_insert_event_plan,
 					"INSERT INTO task_events.events"
 					" (event_id, event_type, event_version, aggregate_id,"

@@ -224,6 +224,13 @@ te_change_status(FunctionCallInfo fcinfo, pg_uuid_t *task_id, TaskStatus new_sta
 				 errdetail("The task is already in status \"%s\".", te_status_labels[old_status]) :
 				 errdetail("Status \"%s\" is final.", te_status_labels[old_status])));
 
+	/* Reachable only by writing the table directly, but never wrap. */
+	if (version > PG_INT64_MAX - 2)
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("task %s is at the highest version, " INT64_FORMAT,
+						te_uuid_string(task_id), version)));
+
 	te_task_status_changed(&events[nevents++], &task, ++version, now,
 						   te_status_labels[old_status], te_status_labels[new_status]);
 	if (new_status == TS_COMPLETED)

@@ -118,8 +118,8 @@ te_required_text_arg(FunctionCallInfo fcinfo, int argno,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must not be empty", argname),
 				 len == 0 ? 0 :
-				 errdetail("The %s given, \"%s\", holds only white space.",
-						   argname, text_to_cstring(arg))));
+				 errdetail("The %s given holds only white space (%d bytes).",
+						   argname, len)));
 	te_check_length(str, len, argname, max_chars);
 	return text_to_cstring(arg);
 }

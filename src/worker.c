@@ -145,60 +145,6 @@ te_end_work(void)
 }
 
 /*
- * Warn when the event log or the handlers' positions hold transaction ids
- * this cluster has not assigned yet: the database was restored from a
- * cluster whose counter was ahead, and until this cluster's counter passes
- * them, new events look already handled (docs/operations.md, "Backup and
- * restore").  Checked by the first worker only, at most once a minute,
- * warned at most once an hour.  Assumes SPI is connected, in a transaction
- * holding the extension lock.
- */
-static void
-te_check_log_origin(void)
-{
-	static SPIPlanPtr plan = NULL;
-	static TimestampTz checked_at = 0;
-	static TimestampTz warned_at = 0;
-	TimestampTz now = GetCurrentTimestamp();
-	bool		isnull;
-	bool		ahead;
-
-	if (te_worker_slot != 0 ||
-		(checked_at != 0 && !TimestampDifferenceExceeds(checked_at, now, 60 * 1000)))
-		return;
-	checked_at = now;
-
-	te_prepare_kept(&plan,
-					"SELECT COALESCE(x.max_xid OPERATOR(pg_catalog.>=) n.next, false)"
-					"    OR COALESCE(x.max_xmax OPERATOR(pg_catalog.>) n.next, false),"
-					"       GREATEST(x.max_xid, x.max_xmax)::pg_catalog.text, n.next::pg_catalog.text"
-					" FROM (SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) AS next) n,"
-					"      (SELECT (SELECT pg_catalog.max(e.xact_id) FROM task_events.events e) AS max_xid,"
-					"              (SELECT pg_catalog.max(pg_catalog.pg_snapshot_xmax(s.window_start))"
-					"               FROM task_events.handler_state s) AS max_xmax) x",
-					0, NULL);
-	te_execute_kept(plan, NULL, NULL, SPI_OK_SELECT);
-	ahead = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	if (ahead && (warned_at == 0 || TimestampDifferenceExceeds(warned_at, now, 3600 * 1000)))
-	{
-		char	   *max_xid = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
-		char	   *next = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
-
-		ereport(WARNING,
-				(errmsg("the task_events event log of database \"%s\" holds transaction ids this cluster has not assigned yet",
-						te_database),
-				 errdetail("The event log or the handlers' positions reach transaction id %s; this cluster's next is %s. "
-						   "The database was probably restored from a cluster whose transaction counter was ahead: "
-						   "until this cluster's counter passes those ids, new events look already handled and are never handled.",
-						   max_xid ? max_xid : "?", next),
-				 errhint("Restore the database into a cluster whose transaction counter is ahead of the source's; "
-						 "see \"Backup and restore\" in the task_events documentation.")));
-		warned_at = now;
-	}
-	SPI_freetuptable(SPI_tuptable);
-}
-
-/*
  * Reread the configuration if a reload was signalled.  Also checked before
  * each handler's batch, so that a new retry_delay or batch_size applies
  * from the next batch on, not from the next round.
@@ -224,10 +170,7 @@ te_peek(MemoryContext cxt)
 	List	   *peeks = NIL;
 
 	if (te_begin_work("looking for task_events events"))
-	{
-		te_check_log_origin();
 		peeks = te_peek_handlers(NULL, cxt);
-	}
 	te_end_work();
 	return peeks;
 }

@@ -101,11 +101,7 @@ my ($events, $tasks) = split /\|/,
 note "events $events, tasks $tasks";
 handlers_match($node,
 	'after SIGTERM, SIGKILL and immediate stop: nothing lost, nothing doubled');
-is( $node->safe_psql(
-		'postgres',
-		q{SELECT sum(failed) || '/' || sum(dead_letters) FROM task_events.handler_status}),
-	'0/0',
-	'no handler failed and there is no dead letter');
+no_handler_failures($node);
 
 $node->stop;
 done_testing();

@@ -189,19 +189,28 @@ if ($default_mode ne '' && $default_mode ne 'commit')
 		"notify_mode $default_mode: a prepared write is handled after COMMIT PREPARED");
 }
 
+# Insert a TaskCreated event directly (bypassing the write functions, so no
+# wake-up) in a transaction prepared as $gid.
+sub prepare_direct_event
+{
+	my ($gid, $title) = @_;
+	$node->safe_psql(
+		'postgres', qq{
+		BEGIN;
+		INSERT INTO task_events.events (event_id, event_type, event_version, aggregate_id,
+			aggregate_version, occurred_at, user_id, payload)
+		SELECT id, 'TaskCreated', 1, task, 1, now(), 'prepared',
+			jsonb_build_object('event_id', id, 'aggregate_id', task, 'task_title', '$title',
+				'user_id', 'prepared', 'timestamp', now(), 'event_version', 1)
+		FROM (SELECT gen_random_uuid() AS id, gen_random_uuid() AS task) x;
+		PREPARE TRANSACTION '$gid';
+	});
+	return;
+}
+
 # An event inserted directly, in a transaction prepared now and committed
 # after other events were handled.
-$node->safe_psql(
-	'postgres', q{
-	BEGIN;
-	INSERT INTO task_events.events (event_id, event_type, event_version, aggregate_id,
-		aggregate_version, occurred_at, user_id, payload)
-	SELECT id, 'TaskCreated', 1, task, 1, now(), 'prepared',
-		jsonb_build_object('event_id', id, 'aggregate_id', task, 'task_title', 'prepared direct',
-			'user_id', 'prepared', 'timestamp', now(), 'event_version', 1)
-	FROM (SELECT gen_random_uuid() AS id, gen_random_uuid() AS task) x;
-	PREPARE TRANSACTION 'te_direct';
-});
+prepare_direct_event('te_direct', 'prepared direct');
 create_tasks($node, 10, 'while prepared');
 handled_round();
 is(audited('prepared direct'), 0, 'the prepared event is not handled before COMMIT PREPARED');
@@ -211,6 +220,20 @@ ok( $node->poll_query_until(
 		"SELECT count(*) = 1 FROM task_events.audit_log WHERE event_data ->> 'task_title' = 'prepared direct'"
 	),
 	'an event committed by COMMIT PREPARED is handled');
+
+# The same, rolled back: ROLLBACK PREPARED events are never handled, and
+# the handlers go on with the events written while it was prepared.
+prepare_direct_event('te_direct_rollback', 'prepared rolled back');
+create_tasks($node, 10, 'while prepared for rollback');
+wait_caught_up($node);
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pg_prepared_xacts}),
+	1, 'the transaction is still prepared while the handlers caught up with the others');
+$node->safe_psql('postgres', q{ROLLBACK PREPARED 'te_direct_rollback'});
+create_tasks($node, 3, 'after the rollback');
+handled_round();
+wait_caught_up($node);
+is(audited('prepared rolled back'), 0, 'an event of ROLLBACK PREPARED is never handled');
+is(audited('after the rollback'), 3, 'the events after it are handled');
 
 wait_caught_up($node);
 handlers_match($node, 'handlers exact after the prepared transactions');

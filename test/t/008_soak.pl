@@ -81,11 +81,7 @@ note "soak: $seconds s, $clients clients, $events events, $committed_tasks tasks
   . "$sigterms SIGTERM, $sigkills SIGKILL";
 cmp_ok($events, '>', 0, 'the load wrote events');
 handlers_match($node, 'after the soak: every handler output is exactly what the log implies');
-is( $node->safe_psql(
-		'postgres',
-		q{SELECT sum(failed) || '/' || sum(dead_letters) FROM task_events.handler_status}),
-	'0/0',
-	'no handler failed and there is no dead letter');
+no_handler_failures($node);
 
 $node->stop;
 done_testing();

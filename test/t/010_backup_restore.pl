@@ -12,15 +12,13 @@
 # - A user-registered handler (row of task_events.handlers) is in the dump
 #   (the built-in ones come from CREATE EXTENSION): a plain pg_restore
 #   restores it, its position and its dead letters.
-# - Into ANOTHER cluster: handler positions are snapshots of the source
-#   cluster's transaction ids, and events.xact_id holds the source's ids.
-#   Restored into a cluster whose transaction counter is ahead of the
-#   source's, everything resumes exactly (a worker pointed at the restored
-#   database shows it).  Into a cluster that is BEHIND, events written after
-#   the restore look already handled to every handler and are never handled,
-#   and the source's backlog waits until the counter catches up (TODO tests;
-#   see docs/operations.md, "Backup and restore"); a worker serving such a
-#   database logs a WARNING saying so.
+# - Into ANOTHER cluster: events.xact_id and the positions are transaction
+#   ids of the source cluster (task_events.log_origin names it).  Until
+#   task_events.adopt_restored_log() runs, the write functions and
+#   process_pending refuse (55000) and a worker logs why and waits.  Adopted
+#   in a cluster whose counter is behind the source's (ids rewritten) or
+#   ahead of it (ids kept), handling resumes exactly: each handler handles
+#   its backlog and the new events, and nothing twice.
 use strict;
 use warnings FATAL => 'all';
 
@@ -207,7 +205,8 @@ is($src->safe_psql('restored', q{SELECT count(*) FROM task_events.dead_letters W
 	1, 'same cluster: the dead letter is still there, not retried');
 
 ###
-### Into another cluster whose transaction counter is behind the source's.
+### Into another cluster whose transaction counter is behind the source's:
+### the ids in the log mean nothing there until the log is adopted.
 ###
 my $dst = te_node('target', conf => $CONF);
 my ($src_xid, $dst_xid) = (next_xid($src), next_xid($dst));
@@ -216,71 +215,59 @@ cmp_ok($dst_xid, '<', $src_xid, 'the target cluster\'s transaction counter is be
 
 restore($dst, 'behind', $dump);
 same_as_source($src, $dst, 'behind', 'cluster behind');
+for my $call ([ 'create_task', q{SELECT task_events.create_task('u', 'refused')} ],
+	[ 'process_pending', 'SELECT task_events.process_pending()' ])
+{
+	my ($rc, $out, $err) = $dst->psql('behind', $call->[1]);
+	like($err, qr/ERROR:  the task_events event log was restored from another cluster/,
+		"cluster behind: $call->[0] is refused until the log is adopted");
+}
+cmp_ok($dst->safe_psql('behind', 'SELECT task_events.adopt_restored_log()'),
+	'>', 0, 'cluster behind: adopt_restored_log rewrites the events\' transaction ids');
+is($dst->safe_psql('behind', 'SELECT task_events.adopt_restored_log()'),
+	0, 'cluster behind: a second adopt_restored_log has nothing to do');
 writes($dst, 'behind', 'new');
 $dst->safe_psql('behind', 'SELECT task_events.process_pending()');
-my @diff = handler_mismatches($dst, 'behind');
-note "cluster behind, differences after new events and process_pending() (first 10 of "
-  . scalar(@diff) . "):\n" . join "\n", @diff[ 0 .. ($#diff < 9 ? $#diff : 9) ];
-my $unhandled_new = $dst->safe_psql('behind',
-	"SELECT count(*) FROM task_events.events e WHERE seq > $src_max_seq"
-	  . ' AND NOT EXISTS (SELECT FROM task_events.audit_log a WHERE a.event_id = e.event_id)');
-my $reported_behind = $dst->safe_psql('behind',
-	q{SELECT string_agg(handler || ' ' || events_behind, ', ' ORDER BY handler) FROM task_events.handler_status});
-note "cluster behind: $unhandled_new of $n_new new events not handled by audit; "
-  . "handler_status events_behind: $reported_behind";
-TODO:
-{
-	local $TODO = 'positions are transaction-id snapshots of the source cluster';
-	is(scalar(@diff), 0, 'cluster behind: the backlog and new events handled, nothing handled twice');
-	is($unhandled_new, 0, 'cluster behind: new events are handled');
-}
-
-# A worker serving that database warns about it.
-my $offset = log_position($dst);
-$dst->append_conf('postgresql.conf', "task_events.database = 'behind'");
-$dst->restart;
-ok( $dst->wait_for_log(
-		qr/WARNING:  the task_events event log of database "behind" holds transaction ids this cluster has not assigned yet/,
-		$offset),
-	'cluster behind: the worker warns that the database holds transaction ids from the future');
+handlers_match($dst, 'cluster behind, adopted: the backlog and new events handled, nothing handled twice',
+	db => 'behind');
+$n_new = $dst->safe_psql('behind', "SELECT count(*) FROM task_events.events WHERE seq > $src_max_seq");
+$now = processed($dst, 'behind');
+is_deeply(
+	{ map { $_ => $now->{$_} - $src_processed->{$_} } keys %$now },
+	{ map { $_ => $n_new + ($behind{$_} // 0) } keys %$now },
+	'cluster behind, adopted: each handler handled exactly its backlog and the new events');
+is($dst->safe_psql('behind', q{SELECT count(*) FROM task_events.dead_letters WHERE handler = 'poison'}),
+	1, 'cluster behind, adopted: the dead letter is still there, not retried');
+is( $dst->safe_psql(
+		'behind', q{SELECT count(*) FROM task_events.events e
+		WHERE NOT EXISTS (SELECT FROM task_events.audit_log a WHERE a.event_id = e.event_id)}),
+	0, 'cluster behind, adopted: every event is audited');
 
 ###
 ### Into another cluster whose transaction counter is ahead of the source's,
-### served by a worker.
+### served by a worker: it waits (logging why) until the log is adopted,
+### which keeps the ids.
 ###
-burn_xids($dst, $src_xid - $dst_xid + 100);
+burn_xids($dst, $src_xid - next_xid($dst) + 100);
 cmp_ok(next_xid($dst), '>', $src_xid, 'the target cluster\'s counter is now ahead of the source\'s');
 restore($dst, 'ahead', $dump);
 same_as_source($src, $dst, 'ahead', 'cluster ahead');
+my $offset = log_position($dst);
 $dst->append_conf('postgresql.conf', "task_events.database = 'ahead'");
 $dst->restart;
-$dst->poll_query_until('postgres',
-	q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'task_events worker' AND datname = 'ahead'}, 1)
-  or die 'no worker in database ahead';
+ok( $dst->wait_for_log(qr/ERROR:  the task_events event log was restored from another cluster/, $offset),
+	'cluster ahead: the worker says the log must be adopted first');
+is($dst->safe_psql('ahead', 'SELECT task_events.adopt_restored_log()'),
+	0, 'cluster ahead: adopt_restored_log keeps the ids (none rewritten)');
 writes($dst, 'ahead', 'new');
 wait_caught_up($dst, 'ahead');
 handlers_match($dst, 'cluster ahead: the worker handled the backlog and new events, nothing twice',
 	db => 'ahead');
-is_deeply([ log_grep($dst, $offset, qr/WARNING:.*database "ahead"/) ],
-	[], 'cluster ahead: no warning about transaction ids');
 $now = processed($dst, 'ahead');
 is_deeply(
 	{ map { $_ => $now->{$_} - $src_processed->{$_} } keys %$now },
 	{ map { $_ => $n_new + ($behind{$_} // 0) } keys %$now },
 	'cluster ahead: each handler handled exactly its backlog and the new events');
-
-# The cluster that was behind has caught up with the source's counter now:
-# the source's backlog is handled, but the events written while it was
-# behind stay skipped.
-$dst->safe_psql('behind', 'SELECT task_events.process_pending()');
-@diff = handler_mismatches($dst, 'behind');
-note "cluster that was behind, after its counter passed the source's (first 10 of "
-  . scalar(@diff) . "):\n" . join "\n", @diff[ 0 .. ($#diff < 9 ? $#diff : 9) ];
-TODO:
-{
-	local $TODO = 'positions are transaction-id snapshots of the source cluster';
-	is(scalar(@diff), 0, 'cluster that was behind: everything handled once its counter passed the source\'s');
-}
 
 $dst->stop;
 $src->stop;

@@ -234,7 +234,7 @@ is(scalar(log_grep($node, $offset, qr/exited with exit code|FATAL:/)), 0,
 $node->safe_psql(
 	'postgres', q{
 GRANT USAGE ON SCHEMA task_events TO te_worker;
-GRANT SELECT ON task_events.handlers, task_events.events TO te_worker;
+GRANT SELECT ON task_events.handlers, task_events.events, task_events.log_origin TO te_worker;
 GRANT SELECT, INSERT, UPDATE ON task_events.handler_state TO te_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON task_events.dead_letters TO te_worker;
 GRANT INSERT ON task_events.audit_log, task_events.notifications TO te_worker;

@@ -6,6 +6,7 @@
 # - handler_mismatches / handlers_match: the EXACT comparison of what the
 #   built-in handlers wrote against what task_events.events implies, as a list
 #   of differences (empty when everything matches);
+# - no_handler_failures: no failed attempt, no dead letter, in any handler;
 # - pgbench_script / start_pgbench / start_pgbench_loop / stop_pgbench: the
 #   write load (create a task, move it, roll back some transactions);
 # - log_position / log_since / log_grep: the server log from a point on;
@@ -26,6 +27,7 @@ our @EXPORT = qw(
   handler_mismatches handlers_match
   pgbench_script start_pgbench start_pgbench_loop stop_pgbench
   create_tasks log_position log_since log_grep worker_loops_quietly
+  no_handler_failures
 );
 
 our $PRELOAD = "shared_preload_libraries = 'task_events'";
@@ -348,6 +350,20 @@ sub create_tasks
 	my $sql = join "\n",
 	  map { "SELECT FROM task_events.create_task('$user', '$prefix $_');" } 1 .. $n;
 	$node->safe_psql('postgres', $sql);
+	return;
+}
+
+# A test: no handler (the relay handler and registered ones included) has
+# failed an attempt, and there is no dead letter.
+sub no_handler_failures
+{
+	my ($node) = @_;
+	Test::More::is(
+		$node->safe_psql(
+			'postgres',
+			q{SELECT sum(failed) || '/' || sum(dead_letters) FROM task_events.handler_status}),
+		'0/0',
+		'no handler failed and there is no dead letter');
 	return;
 }
 
