@@ -320,10 +320,13 @@ sub start_pgbench_loop
 {
 	my ($node, %opt) = @_;
 	my $h = { out => '', err => '' };
-	my $cmd = _pgbench_cmd($node, %opt, seconds => $opt{seconds} // 2);
+	my $seconds = $opt{seconds} // 2;
+	my $cmd = _pgbench_cmd($node, %opt, seconds => $seconds);
 	$h->{stop} = $node->basedir . '/stop_pgbench_loop';
 	unlink $h->{stop};
-	my $pg = join ' ', map { "'$_'" } @$cmd;
+	# A pgbench started while the server restarts after a crash can hang
+	# (seen with 16 clients): each run is cut off well after its -T.
+	my $pg = join ' ', 'timeout', '-k', '5', $seconds + 20, map { "'$_'" } @$cmd;
 	my $loop = qq{n=0; while [ ! -e '$h->{stop}' ]; do n=\$((n+1)); $pg || sleep 0.2; done; echo "pgbench runs: \$n"};
 	note "starting in the background: $loop";
 	$h->{run} = IPC::Run::start([ 'bash', '-c', $loop ], '>', \$h->{out}, '2>', \$h->{err});
