@@ -77,7 +77,7 @@ wait_caught_up($node);
 my ($events, $committed_tasks) = split /\|/,
   $node->safe_psql('postgres',
 	'SELECT (SELECT count(*) FROM task_events.events), (SELECT count(*) FROM task_events.tasks)');
-note "soak: $seconds s, $clients clients, $events events, $committed_tasks tasks, "
+diag "soak: $seconds s, $clients clients, $events events, $committed_tasks tasks, "
   . "$sigterms SIGTERM, $sigkills SIGKILL";
 cmp_ok($events, '>', 0, 'the load wrote events');
 handlers_match($node, 'after the soak: every handler output is exactly what the log implies');
