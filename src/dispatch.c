@@ -55,7 +55,6 @@ typedef struct HandlerState
 	int64		failing_seq;	/* 0, or the event being retried */
 	int32		attempts;		/* failed attempts at failing_seq */
 	TimestampTz retry_at;		/* 0, or no attempt before this time */
-	bool		has_state_row;	/* false for a handler that never ran */
 	const HandlerPeek *peek;	/* what te_peek_handlers found */
 	bool		opened_window;	/* this batch opened the window */
 	/* what this batch adds to the state */
@@ -174,7 +173,7 @@ te_lock_state(HandlerState *st)
 	bool		isnull;
 
 	values[0] = CStringGetTextDatum(st->handler);
-	if (!st->has_state_row)
+	if (!st->peek->has_state_row)
 	{
 		/*
 		 * Whoever creates the row holds this lock until its transaction ends,
@@ -219,19 +218,32 @@ te_lock_state(HandlerState *st)
 	st->failing_seq = DatumGetInt64(te_result_datum(6, &isnull));
 	st->attempts = DatumGetInt32(te_result_datum(7, &isnull));
 	st->retry_at = DatumGetTimestampTz(te_result_datum(8, &isnull));
-	st->has_state_row = true;
 	SPI_freetuptable(SPI_tuptable);
 	return true;
 }
 
 /*
+ * SQL for the lowest seq of the events visible in snapshot end and not in
+ * snapshot start (NULL when there is none); start and end are SQL
+ * expressions.  Run for every handler in every round, so its kept plan
+ * must stay cheap once generic: the events are found through a range of
+ * events_xact_id_idx (the upper bound is implied by the visibility test,
+ * but gives the planner a narrow range estimate), and OFFSET 0 keeps it
+ * from turning min(seq) into a walk of events_pkey from seq 1 that filters
+ * every event on the way.
+ */
+#define TE_WINDOW_MIN_SEQ(start, end) \
+	"(SELECT pg_catalog.min(w.seq)" \
+	" FROM (SELECT e.seq FROM task_events.events e" \
+	"       WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(" start ")" \
+	"         AND e.xact_id OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax(" end ")" \
+	"         AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, " start ")" \
+	"         AND pg_catalog.pg_visible_in_snapshot(e.xact_id, " end ")" \
+	"       OFFSET 0) w)"
+
+/*
  * The lowest seq of the events visible in end and not in the handler's
- * window_start, or 0 when there is none.  Called for every handler in
- * every round, so its kept plan must stay cheap once generic: the events
- * are found through a range of events_xact_id_idx (the upper bound is
- * implied by the visibility test, but gives the planner a narrow range
- * estimate), and OFFSET 0 keeps it from turning min(seq) into a walk of
- * events_pkey from seq 1 that filters every event on the way.
+ * window_start, or 0 when there is none.
  */
 static int64
 te_window_min_seq(HandlerState *st, Datum end)
@@ -242,13 +254,7 @@ te_window_min_seq(HandlerState *st, Datum end)
 	bool		isnull;
 
 	te_prepare_kept(&te_window_plan,
-					"SELECT pg_catalog.min(w.seq)"
-					" FROM (SELECT e.seq FROM task_events.events e"
-					"       WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin($1)"
-					"         AND e.xact_id OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax($2)"
-					"         AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
-					"         AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $2)"
-					"       OFFSET 0) w",
+					"SELECT " TE_WINDOW_MIN_SEQ("$1", "$2"),
 					lengthof(argtypes), argtypes);
 	values[0] = st->window_start;
 	values[1] = end;
@@ -584,21 +590,14 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 
 	/*
 	 * Per handler: its position, whether a window is open, its backoff, the
-	 * first event after its position visible now (the query of
-	 * te_window_min_seq; not while a window is open, when it would count the
+	 * first event after its position visible now (TE_WINDOW_MIN_SEQ; not
+	 * while a window is open, when it would count the
 	 * rest of the window at every batch), and whether dead letters wait for
 	 * a retry.
 	 */
 	te_prepare_kept(&te_peek_plan,
 					"SELECT h.handler, p.ws, s.window_end IS NOT NULL, s.retry_at,"
-					"       CASE WHEN s.window_end IS NULL THEN"
-					"       (SELECT pg_catalog.min(w.seq)"
-					"        FROM (SELECT e.seq FROM task_events.events e"
-					"              WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(p.ws)"
-					"                AND e.xact_id OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax($1)"
-					"                AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, p.ws)"
-					"                AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
-					"              OFFSET 0) w) END,"
+					"       CASE WHEN s.window_end IS NULL THEN " TE_WINDOW_MIN_SEQ("p.ws", "$1") " END,"
 					"       EXISTS (SELECT FROM task_events.dead_letters d"
 					"               WHERE d.handler OPERATOR(pg_catalog.=) h.handler AND d.retry_requested),"
 					"       s.handler IS NOT NULL"
@@ -621,7 +620,6 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 		HandlerPeek *peek = palloc0(sizeof(HandlerPeek));
 		bool		isnull;
 		bool		window_open;
-		bool		retries_queued;
 		Datum		value;
 
 		peek->handler = SPI_getvalue(row, desc, 1);
@@ -632,12 +630,11 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 		peek->retry_at = isnull ? 0 : DatumGetTimestampTz(value);
 		value = SPI_getbinval(row, desc, 5, &isnull);
 		peek->min_seq = isnull ? 0 : DatumGetInt64(value);
-		retries_queued = DatumGetBool(SPI_getbinval(row, desc, 6, &isnull));
+		peek->retries_queued = DatumGetBool(SPI_getbinval(row, desc, 6, &isnull));
 		peek->has_state_row = DatumGetBool(SPI_getbinval(row, desc, 7, &isnull));
 		peek->backing_off = peek->retry_at > now;
 		peek->has_work = !peek->backing_off &&
-			(window_open || peek->min_seq != 0 || retries_queued);
-		peek->retries_queued = retries_queued;
+			(window_open || peek->min_seq != 0 || peek->retries_queued);
 		peeks = lappend(peeks, peek);
 		MemoryContextSwitchTo(old);
 	}
@@ -678,7 +675,6 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 	memset(&st, 0, sizeof(st));
 	st.handler = peek->handler;
 	st.peek = peek;
-	st.has_state_row = peek->has_state_row;
 	if (!te_lock_state(&st))
 		return false;
 	if (st.retry_at != 0 && st.retry_at > GetCurrentTimestamp())

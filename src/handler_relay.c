@@ -17,6 +17,7 @@
 
 #include "access/htup_details.h"
 #include "commands/async.h"
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/array.h"
@@ -29,23 +30,17 @@
 #include "task_events.h"
 
 /*
- * Column number of "name" in the row type; looked up by name so that a
+ * Column number of "name" in the events row type, found by name so that a
  * column added by a later version cannot shift what is read.
  */
-static AttrNumber
+static int
 te_attnum(TupleDesc desc, const char *name)
 {
-	int			i;
+	int			attnum = SPI_fnumber(desc, name);
 
-	for (i = 0; i < desc->natts; i++)
-	{
-		Form_pg_attribute attr = TupleDescAttr(desc, i);
-
-		if (!attr->attisdropped && strcmp(NameStr(attr->attname), name) == 0)
-			return attr->attnum;
-	}
-	elog(ERROR, "task_events.events has no column \"%s\"", name);
-	return InvalidAttrNumber;	/* keep compiler quiet */
+	if (attnum <= 0)
+		elog(ERROR, "task_events.events has no column \"%s\"", name);
+	return attnum;
 }
 
 /*
