@@ -33,14 +33,14 @@
  * Column number of "name" in the events row type, found by name so that a
  * column added by a later version cannot shift what is read.
  */
-static int
+static AttrNumber
 te_attnum(TupleDesc desc, const char *name)
 {
 	int			attnum = SPI_fnumber(desc, name);
 
 	if (attnum <= 0)
 		elog(ERROR, "task_events.events has no column \"%s\"", name);
-	return attnum;
+	return (AttrNumber) attnum;	/* at most MaxTupleAttributeNumber */
 }
 
 /*
