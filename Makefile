@@ -18,7 +18,10 @@ OBJS = \
 	src/append_only.o \
 	src/wakeup.o \
 	src/commit_horizon.o \
+	src/handler_call.o \
+	src/call_journal.o \
 	src/dispatch.o \
+	src/lost_batch.o \
 	src/handler_admin.o \
 	src/handler_audit.o \
 	src/handler_notification.o \

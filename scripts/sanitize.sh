@@ -186,6 +186,15 @@ te_san_point_test_sh() {
 	fi
 }
 
+# The lines of log file f that report a sanitizer finding or a crash, but
+# for the crashes of processes a test announced it would crash on purpose.
+te_san_unexplained_crashes() {
+	local f=$1 pids
+	pids=$(grep -o -E 'te_test: deliberate SIG[A-Z]+ to PID [0-9]+' -- "$f" | awk '{print $NF}' | sort -u | paste -sd'|' || true)
+	grep -E 'terminated by signal (4|6|7|8|11)[^0-9]|ERROR: (Address|UndefinedBehavior)Sanitizer|runtime error:' -- "$f" |
+		{ if [[ -n $pids ]]; then grep -v -E "\(PID ($pids)\) was terminated by signal"; else cat; fi; } || true
+}
+
 # Print every sanitizer report and every server process killed by a signal
 # that means a crash, from the report directory and the logs under the given
 # directories.  Returns 1 when there is any.
@@ -199,8 +208,14 @@ te_san_findings() {
 	done
 	shopt -u nullglob
 	if (($# > 0)); then
-		# SIGKILL, SIGTERM and SIGQUIT are what the TAP tests send on purpose.
+		# SIGKILL, SIGTERM and SIGQUIT are what the TAP tests send on purpose;
+		# a test that crashes a process on purpose logs
+		# "te_test: deliberate SIG... to PID n" first, and that crash is no
+		# finding.
 		while IFS= read -r f; do
+			if [[ -z $(te_san_unexplained_crashes "$f") ]]; then
+				continue
+			fi
 			found=1
 			echo "===== crash in $f ====="
 			grep -n -E -B2 -A20 'terminated by signal (4|6|7|8|11)[^0-9]|ERROR: (Address|UndefinedBehavior)Sanitizer|runtime error:' -- "$f" | head -n 80

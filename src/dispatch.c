@@ -19,6 +19,16 @@
  * retry_delay * 2^(attempts - 1) before trying it again.  After
  * max_attempts the event goes to task_events.dead_letters and the handler
  * moves on.
+ *
+ * A batch can also be lost whole: its handler ended the worker's process,
+ * or its transaction failed to commit (a deferred check of another system,
+ * a serialization failure, a full NOTIFY queue).  Every call is written in
+ * the worker's call journal first (call_journal.c) and the worker counts a
+ * lost batch as a failed attempt (lost_batch.c); the events of a lost batch
+ * are then handled one per batch, each in its own transaction
+ * (isolate_through), so that the next loss names the event that causes it.
+ * The state row's generation, bumped at every save, tells a lost batch from
+ * one that committed.
  */
 #include "postgres.h"
 
@@ -34,8 +44,10 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "call_journal.h"
 #include "commit_horizon.h"
 #include "dispatch.h"
+#include "handler_call.h"
 #include "log_origin.h"
 #include "spi_util.h"
 #include "task_events.h"
@@ -55,13 +67,19 @@ typedef struct HandlerState
 	int64		failing_seq;	/* 0, or the event being retried */
 	int32		attempts;		/* failed attempts at failing_seq */
 	TimestampTz retry_at;		/* 0, or no attempt before this time */
+	int64		isolate_through;	/* events up to this seq go one per batch */
+	int64		generation;		/* of the state row, bumped at each save */
+	char	   *last_sqlstate;	/* the last failure, as saved */
+	char	   *last_message;
 	const HandlerPeek *peek;	/* what te_peek_handlers found */
 	bool		opened_window;	/* this batch opened the window */
 	/* what this batch adds to the state */
-	int64		handled;
+	int64		done;			/* events moved past: processed or dead-lettered */
+	int64		processed;		/* events the handler handled successfully */
 	int64		failed;
 	double		batch_ms;
-	bool		called;			/* the handler function was called */
+	bool		changed;		/* something to save */
+	CalledRange calls;			/* the events passed to the handler (first_seq 0: none) */
 	ErrorData  *last_error;
 } HandlerState;
 
@@ -85,57 +103,6 @@ te_result_datum(int col, bool *isnull)
 									  col, isnull);
 
 	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
-}
-
-/*
- * Call the handler's function with events (a task_events.events[]) in a
- * subtransaction.  Returns true on success; on failure rolls the
- * subtransaction back and returns the error, copied into cxt.
- */
-static bool
-te_call_handler(Oid function, Datum events, MemoryContext cxt, ErrorData **error)
-{
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile bool ok = true;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
-	{
-		FmgrInfo	flinfo;
-		LOCAL_FCINFO(fcinfo, 1);
-
-		fmgr_info(function, &flinfo);
-		InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
-		fcinfo->args[0].value = events;
-		fcinfo->args[0].isnull = false;
-		(void) FunctionCallInvoke(fcinfo);
-
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(cxt);
-		*error = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
-
-		/*
-		 * In a session (process_pending), a cancel or statement_timeout stops
-		 * the call, as in PL/pgSQL.  A worker has no caller to stop: there
-		 * it is a failed attempt like any other (e.g. a remote
-		 * statement_timeout reported by dblink, or pg_cancel_backend).
-		 */
-		if ((*error)->sqlerrcode == ERRCODE_QUERY_CANCELED && !IsBackgroundWorker)
-			ReThrowError(*error);
-		ok = false;
-	}
-	PG_END_TRY();
-	return ok;
 }
 
 /* A one-element task_events.events[] holding event. */
@@ -197,7 +164,8 @@ te_lock_state(HandlerState *st)
 
 	te_prepare_kept(&te_lock_plan,
 					"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end,"
-					"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at"
+					"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at,"
+					"       s.isolate_through, s.generation, s.last_sqlstate, s.last_error"
 					" FROM task_events.handlers h"
 					" JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
 					" WHERE h.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
@@ -218,28 +186,13 @@ te_lock_state(HandlerState *st)
 	st->failing_seq = DatumGetInt64(te_result_datum(6, &isnull));
 	st->attempts = DatumGetInt32(te_result_datum(7, &isnull));
 	st->retry_at = DatumGetTimestampTz(te_result_datum(8, &isnull));
+	st->isolate_through = DatumGetInt64(te_result_datum(9, &isnull));
+	st->generation = DatumGetInt64(te_result_datum(10, &isnull));
+	st->last_sqlstate = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 11);
+	st->last_message = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 12);
 	SPI_freetuptable(SPI_tuptable);
 	return true;
 }
-
-/*
- * SQL for the lowest seq of the events visible in snapshot end and not in
- * snapshot start (NULL when there is none); start and end are SQL
- * expressions.  Run for every handler in every round, so its kept plan
- * must stay cheap once generic: the events are found through a range of
- * events_xact_id_idx (the upper bound is implied by the visibility test,
- * but gives the planner a narrow range estimate), and OFFSET 0 keeps it
- * from turning min(seq) into a walk of events_pkey from seq 1 that filters
- * every event on the way.
- */
-#define TE_WINDOW_MIN_SEQ(start, end) \
-	"(SELECT pg_catalog.min(w.seq)" \
-	" FROM (SELECT e.seq FROM task_events.events e" \
-	"       WHERE e.xact_id OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmin(" start ")" \
-	"         AND e.xact_id OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax(" end ")" \
-	"         AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, " start ")" \
-	"         AND pg_catalog.pg_visible_in_snapshot(e.xact_id, " end ")" \
-	"       OFFSET 0) w)"
 
 /*
  * The lowest seq of the events visible in end and not in the handler's
@@ -307,25 +260,82 @@ te_close_window(HandlerState *st)
 }
 
 /*
- * The count events of the window up to seq are handled (or dead-lettered):
- * move the position past them, and forget the retry state of any of them.
+ * The count events of the window up to seq are done, processed or (when
+ * not processed) dead-lettered: move the position past them, and forget the
+ * retry state of any of them.
  */
 static void
-te_mark_done(HandlerState *st, int64 seq, int64 count)
+te_mark_done(HandlerState *st, int64 seq, int64 count, bool processed)
 {
 	st->window_seq = seq;
 	st->last_seq = Max(st->last_seq, seq);
-	st->handled += count;
+	st->done += count;
+	if (processed)
+		st->processed += count;
+	st->changed = true;
 	if (st->failing_seq != 0 && st->failing_seq <= seq)
 	{
 		st->failing_seq = 0;
 		st->attempts = 0;
 		st->retry_at = 0;
 	}
+	if (st->isolate_through <= seq)
+		st->isolate_through = 0;
+}
+
+/* The events of a batch (a task_events.events[]), and their type. */
+static void
+te_batch_events(Datum batch, Oid *event_type, Datum **events, int *nevents)
+{
+	ArrayType  *array = DatumGetArrayTypeP(batch);
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+
+	*event_type = ARR_ELEMTYPE(array);
+	get_typlenbyvalalign(*event_type, &typlen, &typbyval, &typalign);
+	deconstruct_array(array, *event_type, typlen, typbyval, typalign,
+					  events, NULL, nevents);
+}
+
+/*
+ * Call the handler with events (a task_events.events[], in seq order),
+ * journaled first (in a worker) so that a call that ends the process is
+ * counted.  Returns true on success, else the error in *error.
+ */
+static bool
+te_call(HandlerState *st, Datum events, bool retries, MemoryContext cxt, ErrorData **error)
+{
+	CalledRange call;
+	Oid			event_type;
+	Datum	   *elems;
+	int			nelems;
+	int64		first_seq;
+	int64		last_seq;
+
+	te_batch_events(events, &event_type, &elems, &nelems);
+	first_seq = te_event_seq(elems[0]);
+	last_seq = te_event_seq(elems[nelems - 1]);
+
+	memset(&call, 0, sizeof(call));
+	strlcpy(call.handler, st->handler, NAMEDATALEN);
+	call.generation = st->generation;
+	call.first_seq = first_seq;
+	call.last_seq = last_seq;
+	call.retries = retries;
+	te_journal_write(&call);
+
+	if (st->calls.first_seq == 0)
+		st->calls = call;
+	st->calls.first_seq = Min(st->calls.first_seq, first_seq);
+	st->calls.last_seq = Max(st->calls.last_seq, last_seq);
+	st->changed = true;
+	return te_call_handler(st->function, events, cxt, error);
 }
 
 static void
-te_insert_dead_letter(HandlerState *st, Datum event, int64 seq, ErrorData *error)
+te_insert_dead_letter(HandlerState *st, Datum event, int64 seq,
+					  const char *sqlstate, const char *message)
 {
 	static const Oid argtypes[] = {TEXTOID, INT8OID, UUIDOID, INT4OID, TEXTOID, TEXTOID};
 	Datum		values[6];
@@ -340,9 +350,22 @@ te_insert_dead_letter(HandlerState *st, Datum event, int64 seq, ErrorData *error
 	values[1] = Int64GetDatum(seq);
 	values[2] = GetAttributeByName(DatumGetHeapTupleHeader(event), "event_id", &isnull);
 	values[3] = Int32GetDatum(st->attempts);
-	values[4] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
-	values[5] = CStringGetTextDatum(error->message ? error->message : "");
+	values[4] = CStringGetTextDatum(sqlstate);
+	values[5] = CStringGetTextDatum(message);
 	te_execute_kept(te_dead_letter_plan, values, NULL, SPI_OK_INSERT);
+}
+
+/*
+ * When no attempt before now + the backoff after attempts failed attempts
+ * at an event: retry_delay * 2^(attempts - 1), at most 10 minutes.
+ */
+TimestampTz
+te_backoff_until(int attempts)
+{
+	int64		delay_ms = (int64) te_retry_delay_ms << Min(Max(attempts, 1) - 1, 30);
+
+	delay_ms = Min(delay_ms, TE_MAX_RETRY_DELAY_MS);
+	return GetCurrentTimestamp() + delay_ms * 1000;
 }
 
 /*
@@ -353,8 +376,6 @@ te_insert_dead_letter(HandlerState *st, Datum event, int64 seq, ErrorData *error
 static bool
 te_record_failure(HandlerState *st, Datum event, int64 seq, ErrorData *error)
 {
-	int64		delay_ms;
-
 	st->failed++;
 	st->last_error = error;
 	st->attempts = (st->failing_seq == seq) ? st->attempts + 1 : 1;
@@ -362,15 +383,39 @@ te_record_failure(HandlerState *st, Datum event, int64 seq, ErrorData *error)
 
 	if (st->attempts >= te_max_attempts)
 	{
-		te_insert_dead_letter(st, event, seq, error);
-		te_mark_done(st, seq, 1);
+		te_insert_dead_letter(st, event, seq, unpack_sql_state(error->sqlerrcode),
+							  error->message ? error->message : "");
+		te_mark_done(st, seq, 1, false);
 		return true;
 	}
-
-	delay_ms = (int64) te_retry_delay_ms << Min(st->attempts - 1, 30);
-	delay_ms = Min(delay_ms, TE_MAX_RETRY_DELAY_MS);
-	st->retry_at = GetCurrentTimestamp() + delay_ms * 1000;
+	st->retry_at = te_backoff_until(st->attempts);
 	return false;
+}
+
+
+/*
+ * Whether event is the one whose lost batches (lost_batch.c) used up its
+ * attempts: it goes to the dead letters with the last error, uncalled.
+ * Only a batch of one event is checked: such an event is always isolated.
+ */
+static bool
+te_dead_letter_if_exhausted(HandlerState *st, Datum batch)
+{
+	Oid			event_type;
+	Datum	   *events;
+	int			nevents;
+	int64		seq;
+
+	if (st->failing_seq == 0 || st->attempts < te_max_attempts)
+		return false;
+	te_batch_events(batch, &event_type, &events, &nevents);
+	if (nevents != 1 || (seq = te_event_seq(events[0])) != st->failing_seq)
+		return false;
+	te_insert_dead_letter(st, events[0], seq,
+						  st->last_sqlstate ? st->last_sqlstate : "XX000",
+						  st->last_message ? st->last_message : "");
+	te_mark_done(st, seq, 1, false);
+	return true;
 }
 
 /*
@@ -381,27 +426,20 @@ te_record_failure(HandlerState *st, Datum event, int64 seq, ErrorData *error)
 static bool
 te_run_one_by_one(HandlerState *st, Datum batch, MemoryContext cxt)
 {
-	ArrayType  *array = DatumGetArrayTypeP(batch);
-	Oid			event_type = ARR_ELEMTYPE(array);
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
+	Oid			event_type;
 	Datum	   *events;
 	int			nevents;
 	int			i;
 
-	get_typlenbyvalalign(event_type, &typlen, &typbyval, &typalign);
-	deconstruct_array(array, event_type, typlen, typbyval, typalign,
-					  &events, NULL, &nevents);
+	te_batch_events(batch, &event_type, &events, &nevents);
 
 	for (i = 0; i < nevents; i++)
 	{
 		int64		seq = te_event_seq(events[i]);
 		ErrorData  *error = NULL;
 
-		if (te_call_handler(st->function, te_single_event_array(events[i], event_type),
-							cxt, &error))
-			te_mark_done(st, seq, 1);
+		if (te_call(st, te_single_event_array(events[i], event_type), false, cxt, &error))
+			te_mark_done(st, seq, 1, true);
 		else if (!te_record_failure(st, events[i], seq, error))
 			return false;
 	}
@@ -411,9 +449,9 @@ te_run_one_by_one(HandlerState *st, Datum batch, MemoryContext cxt)
 /*
  * Retry the handler's dead letters that retry_dead_letters() queued: each
  * once, in seq order; a success removes the dead letter, a failure puts it
- * back with the new error.
+ * back with the new error.  Returns whether there were any.
  */
-static void
+static bool
 te_retry_dead_letters(HandlerState *st, int max_events, MemoryContext cxt)
 {
 	static const Oid select_types[] = {TEXTOID, INT4OID};
@@ -435,7 +473,7 @@ te_retry_dead_letters(HandlerState *st, int max_events, MemoryContext cxt)
 	if (SPI_processed == 0)
 	{
 		SPI_freetuptable(SPI_tuptable);
-		return;
+		return false;
 	}
 	queued = SPI_tuptable;
 	nqueued = SPI_processed;
@@ -460,12 +498,11 @@ te_retry_dead_letters(HandlerState *st, int max_events, MemoryContext cxt)
 		ErrorData  *error = NULL;
 
 		values[1] = Int64GetDatum(seq);
-		st->called = true;
-		if (te_call_handler(st->function, te_single_event_array(event, event_type),
-							cxt, &error))
+		if (te_call(st, te_single_event_array(event, event_type), true, cxt, &error))
 		{
 			te_execute_kept(te_retry_done_plan, values, NULL, SPI_OK_DELETE);
-			st->handled++;
+			st->done++;
+			st->processed++;
 		}
 		else
 		{
@@ -477,6 +514,7 @@ te_retry_dead_letters(HandlerState *st, int max_events, MemoryContext cxt)
 		}
 	}
 	SPI_freetuptable(queued);
+	return true;
 }
 
 /*
@@ -519,10 +557,10 @@ te_save_state(HandlerState *st)
 {
 	static const Oid argtypes[] = {
 		TEXTOID, PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT8OID, INT8OID, INT4OID,
-		TIMESTAMPTZOID, TEXTOID, TEXTOID, INT8OID, INT8OID, INT4OID, FLOAT8OID
+		TIMESTAMPTZOID, TEXTOID, TEXTOID, INT8OID, INT8OID, INT4OID, FLOAT8OID, INT8OID
 	};
-	Datum		values[14];
-	char		nulls[14];
+	Datum		values[15];
+	char		nulls[15];
 
 	te_prepare_kept(&te_save_plan,
 					"UPDATE task_events.handler_state SET"
@@ -537,6 +575,8 @@ te_save_state(HandlerState *st)
 					" batches = batches OPERATOR(pg_catalog.+) $13,"
 					" batch_ms_total = batch_ms_total OPERATOR(pg_catalog.+) $14,"
 					" batch_ms_max = GREATEST(batch_ms_max, $14),"
+					" isolate_through = $15,"
+					" generation = generation OPERATOR(pg_catalog.+) 1,"
 					" updated_at = pg_catalog.clock_timestamp()"
 					" WHERE handler OPERATOR(pg_catalog.=) $1",
 					lengthof(argtypes), argtypes);
@@ -560,11 +600,29 @@ te_save_state(HandlerState *st)
 	}
 	else
 		nulls[8] = nulls[9] = 'n';
-	values[10] = Int64GetDatum(st->handled);
+	values[10] = Int64GetDatum(st->processed);
 	values[11] = Int64GetDatum(st->failed);
-	values[12] = Int32GetDatum(st->called ? 1 : 0);
+	values[12] = Int32GetDatum(st->calls.first_seq != 0 ? 1 : 0);
 	values[13] = Float8GetDatum(st->batch_ms);
+	values[14] = Int64GetDatum(st->isolate_through);
 	te_execute_kept(te_save_plan, values, nulls, SPI_OK_UPDATE);
+}
+
+/*
+ * Raise 55000 unless the extension's objects in this database are those of
+ * the library's version: between installing a new library and ALTER
+ * EXTENSION ... UPDATE, the handlers wait (the write path needs nothing new
+ * and goes on).
+ */
+static void
+te_require_schema_version(const char *version)
+{
+	if (version == NULL || strcmp(version, TE_SCHEMA_VERSION) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("task_events %s is installed in this database, but its handlers need version %s",
+						version ? version : "(none)", TE_SCHEMA_VERSION),
+				 errhint("Run ALTER EXTENSION task_events UPDATE;")));
 }
 
 /*
@@ -592,15 +650,26 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 	 * Per handler: its position, whether a window is open, its backoff, the
 	 * first event after its position visible now (TE_WINDOW_MIN_SEQ; not
 	 * while a window is open, when it would count the
-	 * rest of the window at every batch), and whether dead letters wait for
-	 * a retry.
+	 * rest of the window at every batch), whether dead letters wait for a
+	 * retry, and whether its position or the log lies in this cluster's
+	 * future (log_origin.c).  The future is judged against the snapshot the
+	 * statement runs with (pg_current_snapshot()), not $1: a read-write SPI
+	 * statement takes a newer one, and what committed in between is not
+	 * from the future.
 	 */
 	te_prepare_kept(&te_peek_plan,
 					"SELECT h.handler, p.ws, s.window_end IS NOT NULL, s.retry_at,"
 					"       CASE WHEN s.window_end IS NULL THEN " TE_WINDOW_MIN_SEQ("p.ws", "$1") " END,"
 					"       EXISTS (SELECT FROM task_events.dead_letters d"
 					"               WHERE d.handler OPERATOR(pg_catalog.=) h.handler AND d.retry_requested),"
-					"       s.handler IS NOT NULL"
+					"       s.handler IS NOT NULL,"
+					"       GREATEST(pg_catalog.pg_snapshot_xmax(p.ws), pg_catalog.pg_snapshot_xmax(s.window_end))"
+					"         OPERATOR(pg_catalog.>) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
+					"       OR (SELECT pg_catalog.max(e.xact_id) FROM task_events.events e"
+					"          WHERE e.xact_id OPERATOR(pg_catalog.<>) COALESCE(pg_catalog.pg_current_xact_id_if_assigned(), '0'::pg_catalog.xid8))"
+					"         OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()),"
+					"       (SELECT x.extversion FROM pg_catalog.pg_extension x"
+					"        WHERE x.extname OPERATOR(pg_catalog.=) 'task_events')"
 					" FROM task_events.handlers h"
 					" LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
 					" CROSS JOIN LATERAL (SELECT COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot) AS ws) p"
@@ -632,6 +701,10 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 		peek->min_seq = isnull ? 0 : DatumGetInt64(value);
 		peek->retries_queued = DatumGetBool(SPI_getbinval(row, desc, 6, &isnull));
 		peek->has_state_row = DatumGetBool(SPI_getbinval(row, desc, 7, &isnull));
+		value = SPI_getbinval(row, desc, 8, &isnull);
+		if (!isnull && DatumGetBool(value))
+			te_report_log_in_future();
+		te_require_schema_version(SPI_getvalue(row, desc, 9));
 		peek->backing_off = peek->retry_at > now;
 		peek->has_work = !peek->backing_off &&
 			(window_open || peek->min_seq != 0 || peek->retries_queued);
@@ -644,11 +717,12 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 
 /*
  * Run one batch of the handler that peek found with work: lock its state
- * row, retry the dead letters queued for it, then handle up to max_events
- * events of its window in seq order, and save its position.  All in the
- * caller's transaction; assumes SPI is connected and an active snapshot.
- * Returns false when the handler could not be run (someone else runs it, or
- * it was disabled or deleted since the peek); *outcome says what happened.
+ * row; then either retry the dead letters queued for it, or handle up to
+ * max_events events of its window in seq order (one, while the events of a
+ * lost batch are isolated); and save its position.  All in the caller's
+ * transaction; assumes SPI is connected and an active snapshot.  Returns
+ * false when the handler could not be run (someone else runs it, or it was
+ * disabled or deleted since the peek); *outcome says what happened.
  */
 bool
 te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outcome)
@@ -659,11 +733,13 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 	Datum		batch;
 	int64		max_seq;
 	int64		count = 0;
-	int			budget;
+	int			budget = 0;
+	bool		retried = false;
 	bool		window_done = false;
 	bool		stopped = false;
 
 	memset(outcome, 0, sizeof(*outcome));
+	(void) te_take_durable_commit_request();
 	if (peek->backing_off)
 	{
 		outcome->retry_at = peek->retry_at;
@@ -685,44 +761,49 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 
 	started = GetCurrentTimestamp();
 	if (peek->retries_queued)
-		te_retry_dead_letters(&st, max_events, cxt);
-	budget = max_events - (int) st.handled;
+		retried = te_retry_dead_letters(&st, max_events, cxt);
 
-	if (budget > 0 && te_open_window(&st))
+	if (!retried && te_open_window(&st))
 	{
+		budget = (st.isolate_through > st.window_seq) ? 1 : max_events;
 		count = te_fetch_batch(&st, budget, &batch, &max_seq);
-		if (count > 0)
+		if (count > 0 && !te_dead_letter_if_exhausted(&st, batch))
 		{
 			ErrorData  *error = NULL;
 
-			st.called = true;
-			if (te_call_handler(st.function, batch, cxt, &error))
-				te_mark_done(&st, max_seq, count);
+			if (te_call(&st, batch, false, cxt, &error))
+				te_mark_done(&st, max_seq, count, true);
 			else
 				stopped = !te_run_one_by_one(&st, batch, cxt);
 		}
 		window_done = !stopped && count < budget;
 		if (window_done)
+		{
 			te_close_window(&st);
+			st.changed = true;
+		}
 	}
 
 	st.batch_ms = (double) (GetCurrentTimestamp() - started) / 1000.0;
-	if (st.called || window_done)
+	if (st.changed)
 		te_save_state(&st);
 
-	outcome->handled = st.handled;
+	outcome->done = st.done;
 	outcome->failed = st.failed;
 	outcome->retry_at = stopped ? st.retry_at : 0;
+	outcome->calls = st.calls;
+	outcome->durable = te_take_durable_commit_request();
 
 	/*
-	 * Run again at once while the window is not done.  After a window this
-	 * batch opened closes, events committed since its end snapshot have set
-	 * the worker's latch (wakeup.c; the peek's snapshot is taken after the
-	 * round reset the latch), so there is no need to look again.  A window
-	 * opened in an earlier round ends at an older snapshot: look again.
+	 * Run again at once while the window is not done, or retries may remain.
+	 * After a window this batch opened closes, events committed since its
+	 * end snapshot have set the worker's latch (wakeup.c; the peek's
+	 * snapshot is taken after the round reset the latch), so there is no
+	 * need to look again.  A window opened in an earlier round ends at an
+	 * older snapshot: look again.
 	 */
 	outcome->more = !stopped &&
-		((st.called && !window_done) || (window_done && !st.opened_window) ||
-		 st.handled >= max_events);
+		(retried || (count > 0 && !window_done) ||
+		 (window_done && !st.opened_window));
 	return true;
 }

@@ -72,7 +72,7 @@ te_drain_handler(const char *handler, int64 max_events)
 
 		if (!ran)
 			break;
-		handled += outcome.handled;
+		handled += outcome.done;
 		if (!outcome.more)
 			break;
 	}

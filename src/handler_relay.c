@@ -27,6 +27,7 @@
 #include "utils/typcache.h"
 
 #include "event_publish.h"
+#include "handler_call.h"
 #include "task_events.h"
 
 /*
@@ -82,6 +83,8 @@ relay_handler(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0) || te_notify_mode != TE_NOTIFY_RELAY)
 		PG_RETURN_VOID();
+	/* Heard only once the position that records it survives a crash. */
+	te_request_durable_commit();
 
 	batch = PG_GETARG_ARRAYTYPE_P(0);
 	event_type = ARR_ELEMTYPE(batch);

@@ -31,6 +31,7 @@ int			te_batch_size = 1000;
 int			te_max_attempts = 5;
 int			te_retry_delay_ms = 100;
 int			te_poll_interval_ms = 1000;
+int			te_handler_timeout_ms = 60 * 1000;
 int			te_notify_mode = TE_NOTIFY_COMMIT;
 
 static const struct config_enum_entry te_notify_mode_options[] = {
@@ -123,6 +124,14 @@ te_define_gucs(void)
 							&te_retry_delay_ms,
 							100, 0, 3600 * 1000,
 							PGC_SUSET,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("task_events.handler_timeout",
+							"Longest time one call of a handler may take; it is canceled then, as a failed attempt.",
+							"0 means no limit. statement_timeout does not apply to the background workers.",
+							&te_handler_timeout_ms,
+							60 * 1000, 0, INT_MAX,
+							PGC_SIGHUP,
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("task_events.poll_interval",

@@ -29,6 +29,17 @@
  *   and dead letters, dispatch.c), e.g. a privilege the worker role lacks:
  *   logged, the transaction rolled back, and the next round delayed, 1 s
  *   doubling up to a minute, instead of exiting and restarting.
+ *
+ * Handlers that misbehave (handler_call.c contains what a call can do):
+ * - a batch whose commit fails is rolled back and counted as a failed
+ *   attempt of its handler (lost_batch.c); the round goes on with the
+ *   other handlers;
+ * - a call that ends the process is found in the call journal by the next
+ *   worker of the slot (call_journal.c) and counted the same way.
+ *
+ * Settings: the database's and role's defaults (ALTER DATABASE / ROLE ...
+ * SET) apply to the handlers only where the worker does not need a value
+ * of its own: te_set_worker_settings overrides those.
  */
 #include "postgres.h"
 
@@ -59,6 +70,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "call_journal.h"
 #include "dispatch.h"
 #include "spi_util.h"
 #include "task_events.h"
@@ -134,6 +146,44 @@ te_begin_work(const char *activity)
 	return installed;
 }
 
+/* The settings the worker's own queries and transactions rely on. */
+static void
+te_set_worker_settings(void)
+{
+	static const char *const settings[][2] = {
+		/*
+		 * Handlers' effects are rebuilt from the log after a crash, so their
+		 * commits need not wait for the WAL flush: a lost commit loses the
+		 * effects and the position together, and the events are handled
+		 * again.  A batch whose effects leave the database at commit asks
+		 * for a durable commit (te_commit_batch).
+		 */
+		{"synchronous_commit", "off"},
+		/*
+		 * Every name in the worker's queries is schema-qualified, and a
+		 * handler must qualify its own: nothing is looked up in a schema
+		 * someone else could create objects in.  pg_catalog is still
+		 * searched implicitly.
+		 */
+		{"search_path", ""},
+		/* Positions are read with a fresh snapshot per statement. */
+		{"default_transaction_isolation", "read committed"},
+		{"default_transaction_read_only", "off"},
+		{"default_transaction_deferrable", "off"},
+		/* Triggers and foreign keys of the handlers' tables fire. */
+		{"session_replication_role", "origin"},
+		/* handler_timeout bounds the handlers; the worker's own work is short. */
+		{"statement_timeout", "0"},
+		{"lock_timeout", "0"},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"application_name", "task_events worker"},
+	};
+	size_t		i;
+
+	for (i = 0; i < lengthof(settings); i++)
+		SetConfigOption(settings[i][0], settings[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 static void
 te_end_work(void)
 {
@@ -176,6 +226,82 @@ te_peek(MemoryContext cxt)
 }
 
 /*
+ * Have the current transaction wait for its WAL flush at commit, although
+ * the worker commits asynchronously (te_set_worker_settings).
+ */
+static void
+te_commit_durably(void)
+{
+	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
+/*
+ * Record the loss of the calls in *calls (lost_batch.c) in a transaction of
+ * its own, and say so in the log.
+ */
+static void
+te_count_lost_batch(const CalledRange *calls, int sqlerrcode, const char *message,
+					const char *how)
+{
+	bool		recorded = false;
+
+	if (te_begin_work("counting a lost batch"))
+		recorded = te_record_lost_batch(calls, sqlerrcode, message);
+	/* A count lost in a crash would not be made again. */
+	te_commit_durably();
+	te_end_work();
+	if (recorded)
+		ereport(LOG,
+				(errmsg("task_events worker %d: a batch of handler \"%s\" was lost: %s",
+						te_worker_slot + 1, calls->handler, how),
+				 errdetail("The batch held the events with seq " INT64_FORMAT " to " INT64_FORMAT "%s; it is counted as a failed attempt: %s",
+						   calls->first_seq, calls->last_seq,
+						   calls->retries ? " (dead letters retried)" : "", message),
+				 errhint("task_events.handler_status shows the handler's failures; the events are retried one per batch.")));
+}
+
+/*
+ * Commit a handler's batch, durably when it asked for that.  A commit that
+ * fails after the handler was called (a check only made at commit: a
+ * remote server's deferred constraint through postgres_fdw, a
+ * serialization failure, a full NOTIFY queue) loses the batch: it is
+ * rolled back and counted as a failed attempt of the handler, and the round
+ * goes on.  Any other commit failure is the round's (te_try_round).
+ */
+static void
+te_commit_batch(const BatchOutcome *outcome, MemoryContext cxt)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	if (outcome->durable)
+		te_commit_durably();
+	PG_TRY();
+	{
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *error;
+
+		if (outcome->calls.first_seq == 0)
+			PG_RE_THROW();
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		error = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+		te_count_lost_batch(&outcome->calls, error->sqlerrcode, error->message,
+							"its transaction failed to commit");
+	}
+	PG_END_TRY();
+	te_journal_clear();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
  * One round: one batch of each handler that has work, each in its own
  * transaction.  Returns true when some handler may have more work right
  * away; sets *next_retry to the earliest time a backing-off handler wants
@@ -211,7 +337,7 @@ te_run_round(TimestampTz *next_retry)
 			/* Dropped since the peek: the next round sees that. */
 			if (te_begin_work(activity))
 				(void) te_run_handler_batch(peek, te_batch_size, &outcome);
-			te_end_work();
+			te_commit_batch(&outcome, round_cxt);
 		}
 		else if (peek->backing_off)
 			outcome.retry_at = peek->retry_at;
@@ -240,6 +366,18 @@ te_sleep_ms(TimestampTz next_retry)
 	return ms;
 }
 
+/* In PG_CATCH: log the error and roll the transaction back. */
+static void
+te_log_error_and_abort(void)
+{
+	HOLD_INTERRUPTS();
+	EmitErrorReport();
+	AbortCurrentTransaction();
+	MemoryContextSwitchTo(TopMemoryContext);
+	FlushErrorState();
+	RESUME_INTERRUPTS();
+}
+
 /*
  * Run a round, as te_run_round does, but survive an error raised outside
  * the handlers (a handler's own errors never get here, dispatch.c catches
@@ -258,12 +396,8 @@ te_try_round(TimestampTz *next_retry, bool *more)
 	}
 	PG_CATCH();
 	{
-		HOLD_INTERRUPTS();
-		EmitErrorReport();
-		AbortCurrentTransaction();
-		MemoryContextSwitchTo(TopMemoryContext);
-		FlushErrorState();
-		RESUME_INTERRUPTS();
+		te_log_error_and_abort();
+		te_journal_clear();
 		pgstat_report_activity(STATE_IDLE, NULL);
 		ok = false;
 	}
@@ -469,6 +603,36 @@ te_wait_until_connectable(void)
 	}
 }
 
+/*
+ * If the previous worker of this slot died in a handler call (the call
+ * journal says which), count that call as a failed attempt.  An error here
+ * is logged and the call forgotten: a worker that failed at every start
+ * would never run again.
+ */
+static void
+te_count_call_that_ended_process(void)
+{
+	CalledRange calls;
+
+	if (!te_journal_open(te_worker_slot, &calls))
+	{
+		te_journal_clear();
+		return;
+	}
+	PG_TRY();
+	{
+		te_count_lost_batch(&calls, ERRCODE_SYSTEM_ERROR,
+							"the handler's process ended during the call",
+							"its process ended during a handler call");
+	}
+	PG_CATCH();
+	{
+		te_log_error_and_abort();
+	}
+	PG_END_TRY();
+	te_journal_clear();
+}
+
 void
 te_worker_main(Datum main_arg)
 {
@@ -479,6 +643,7 @@ te_worker_main(Datum main_arg)
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
+	pqsignal(SIGQUIT, te_journal_on_quit);
 	BackgroundWorkerUnblockSignals();
 
 	/*
@@ -493,19 +658,7 @@ te_worker_main(Datum main_arg)
 	te_shared->connect_pending[te_worker_slot] = false;
 	te_shared->connect_failures[te_worker_slot] = 0;
 
-	/*
-	 * Handlers' effects are rebuilt from the log after a crash, so their
-	 * commits need not wait for the WAL flush: a lost commit loses the
-	 * effects and the position together, and the events are handled again.
-	 */
-	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
-	/*
-	 * Every name in the worker's queries is schema-qualified, and a handler
-	 * must qualify its own: nothing is looked up in a schema someone else
-	 * could create objects in.  pg_catalog is still searched implicitly.
-	 */
-	SetConfigOption("search_path", "", PGC_SUSET, PGC_S_OVERRIDE);
-	SetConfigOption("application_name", "task_events worker", PGC_SUSET, PGC_S_OVERRIDE);
+	te_set_worker_settings();
 
 	te_shared->worker_latch[te_worker_slot] = MyLatch;
 	on_shmem_exit(te_worker_detach, (Datum) 0);
@@ -516,6 +669,7 @@ te_worker_main(Datum main_arg)
 	ereport(LOG,
 			(errmsg("task_events worker %d started in database \"%s\" as role \"%s\"",
 					te_worker_slot + 1, te_database, role)));
+	te_count_call_that_ended_process();
 
 	for (;;)
 	{

@@ -3,6 +3,7 @@
 #define TE_DISPATCH_H
 
 #include "nodes/pg_list.h"
+#include "call_journal.h"
 #include "utils/timestamp.h"
 
 /*
@@ -25,15 +26,23 @@ typedef struct HandlerPeek
 /* What one call of te_run_handler_batch() did. */
 typedef struct BatchOutcome
 {
-	int64		handled;		/* events handled or dead-lettered, committed
+	int64		done;			/* events processed or dead-lettered, committed
 								 * with the position */
 	int64		failed;			/* failed attempts */
 	bool		more;			/* more events may be waiting right now */
 	TimestampTz retry_at;		/* > 0: the handler backs off until then */
+	CalledRange calls;			/* what the handler was called with, to count
+								 * if the commit fails (first_seq 0: nothing) */
+	bool		durable;		/* the batch must commit durably */
 } BatchOutcome;
 
 extern List *te_peek_handlers(const char *only, MemoryContext cxt);
 extern bool te_run_handler_batch(const HandlerPeek *peek, int max_events,
 								 BatchOutcome *outcome);
+extern TimestampTz te_backoff_until(int attempts);
+
+/* lost_batch.c */
+extern bool te_record_lost_batch(const CalledRange *calls, int sqlerrcode,
+								 const char *message);
 
 #endif

@@ -4,6 +4,9 @@
 
 #include "storage/latch.h"
 
+/* The version of the extension's SQL objects this library works with. */
+#define TE_SCHEMA_VERSION "1.1"
+
 /* Upper bound of task_events.worker_count. */
 #define TE_MAX_WORKERS 16
 
@@ -24,6 +27,7 @@ extern int	te_batch_size;
 extern int	te_max_attempts;
 extern int	te_retry_delay_ms;
 extern int	te_poll_interval_ms;
+extern int	te_handler_timeout_ms;
 
 /*
  * Shared memory: the latches of the running workers, so that a committing

@@ -7,6 +7,9 @@
 #   built-in handlers wrote against what task_events.events implies, as a list
 #   of differences (empty when everything matches);
 # - no_handler_failures: no failed attempt, no dead letter, in any handler;
+# - handlers_match_after_kills: handlers_match for a run that killed workers
+#   in the middle of handler calls (lost batches are counted, but nothing
+#   else may fail and nothing may be dead-lettered);
 # - pgbench_script / start_pgbench / start_pgbench_loop / stop_pgbench: the
 #   write load (create a task, move it, roll back some transactions);
 # - log_position / log_since / log_grep: the server log from a point on;
@@ -27,7 +30,7 @@ our @EXPORT = qw(
   handler_mismatches handlers_match
   pgbench_script start_pgbench start_pgbench_loop stop_pgbench
   create_tasks log_position log_since log_grep worker_loops_quietly
-  no_handler_failures
+  no_handler_failures handlers_match_after_kills
 );
 
 our $PRELOAD = "shared_preload_libraries = 'task_events'";
@@ -235,6 +238,28 @@ sub handlers_match
 	my @diff = handler_mismatches($node, $opt{db});
 	my $ok = is(scalar(@diff), 0, $name);
 	diag(join("\n", @diff)) unless $ok;
+	return $ok;
+}
+
+# A test, for runs that kill workers (SIGTERM, SIGKILL) under load: a worker
+# killed in a handler call counts a failed attempt of that call (a lost
+# batch, SQLSTATE 58000), so failures are expected, but of no other kind,
+# never a dead letter (the test nodes set task_events.max_attempts high
+# enough), and the outputs are exact.
+sub handlers_match_after_kills
+{
+	my ($node, $name) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my @diff = grep { !/^handler_status: \w+ has events_behind 0, failed \d+, dead_letters 0 \(last error: the handler's process ended during the call\)$/ }
+	  handler_mismatches($node);
+	my $ok = is(scalar(@diff), 0, $name);
+	diag(join("\n", @diff)) unless $ok;
+	is( $node->safe_psql(
+			'postgres', q{
+			SELECT sum(dead_letters) || ' ' || count(*) FILTER (WHERE failed > 0 AND last_sqlstate <> '58000')
+			FROM task_events.handler_status}),
+		'0 0',
+		"$name: no dead letter, and every failure is a batch lost with its killed worker");
 	return $ok;
 }
 
