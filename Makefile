@@ -17,10 +17,14 @@ OBJS = \
 	src/event_publish.o \
 	src/append_only.o \
 	src/wakeup.o \
+	src/registry.o \
+	src/launcher.o \
+	src/utility_hook.o \
 	src/commit_horizon.o \
 	src/handler_call.o \
 	src/call_journal.o \
 	src/dispatch.o \
+	src/dead_letters.o \
 	src/lost_batch.o \
 	src/handler_admin.o \
 	src/handler_audit.o \
@@ -38,7 +42,7 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 SHLIB_LINK = -luuid
 
 # pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
-REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry security
+REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry handler_api security
 REGRESS_OPTS = --temp-instance=tmp_check --temp-config=$(srcdir)/test/regress.conf \
 	--encoding=UTF8 --no-locale
 

@@ -37,7 +37,7 @@ TOOLS=("${@:-cppcheck}")
 SUPPRESSIONS=$(
 	cat <<'EOF'
 bugprone-implicit-widening-of-multiplication-result | .*\.c | ALLOCSET_(DEFAULT|SMALL|START_SMALL)_SIZES | PostgreSQL's macro: int constant products (8 * 1024 * 1024) passed as Size; constant, cannot overflow
-bugprone-implicit-widening-of-multiplication-result | dispatch\.c | TE_MAX_RETRY_DELAY_MS | the constant 10 * 60 * 1000 (600000) computed in int and compared with an int64: no overflow
+bugprone-implicit-widening-of-multiplication-result | dead_letters\.c | TE_MAX_RETRY_DELAY_MS | the constant 10 * 60 * 1000 (600000) computed in int and compared with an int64: no overflow
 bugprone-narrowing-conversions | domain_events\.c | \.val\.string\.len = strlen\( | JsonbValue.val.string.len is an int in PostgreSQL's API; keys are literals and values are bounded by the argument limits (500 characters at most), far below INT_MAX
 EOF
 )

@@ -5,11 +5,11 @@
 -- write goes through the SECURITY DEFINER write functions.  Readers read
 -- tasks, events, the handlers' outputs and the monitoring views, and write
 -- nothing.  process_pending and retry_dead_letters are for superusers and
--- the owner.  Every function but process_pending runs with search_path =
--- pg_catalog, pg_temp, pg_temp last.  The append-only tables (events,
--- audit_log) refuse UPDATE, DELETE, TRUNCATE and MERGE to every role: the
--- group roles, a table owner that is not a superuser, and a superuser under
--- session_replication_role = replica.
+-- the owner.  Every function but process_pending and the inlined
+-- _unhandled_events runs with search_path = pg_catalog, pg_temp, pg_temp
+-- last.  The append-only tables (events, audit_log) refuse UPDATE, DELETE,
+-- TRUNCATE and MERGE to every role: the group roles, a table owner that is
+-- not a superuser, and a superuser under session_replication_role = replica.
 
 -- The group roles: they cannot log in and have no special attribute.
 SELECT rolname, rolcanlogin, rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls
@@ -102,12 +102,15 @@ ORDER BY 1, 2;
 
 -- Which functions are SECURITY DEFINER (those that roles without table
 -- privileges call) and the settings they run with.  Every function has
--- search_path = pg_catalog, pg_temp, except process_pending: it runs the
+-- search_path = pg_catalog, pg_temp, except _unhandled_events (below) and
+-- process_pending: it runs the
 -- registered handlers in the caller's session.
 SELECT p.proname, p.prosecdef AS security_definer, p.proconfig
 FROM pg_proc p WHERE p.pronamespace = 'task_events'::regnamespace
 ORDER BY p.proname;
--- The rule itself.  Expected: process_pending only.
+-- The rule itself.  Expected: process_pending, and _unhandled_events, which
+-- the planner inlines into its callers only without a SET clause (every name
+-- in it is schema-qualified).
 SELECT p.proname AS without_fixed_search_path
 FROM pg_proc p WHERE p.pronamespace = 'task_events'::regnamespace
   AND p.proconfig IS DISTINCT FROM '{"search_path=pg_catalog, pg_temp"}'

@@ -9,10 +9,12 @@
  * the failure, and without a trace the next worker would call it again,
  * forever.  So before each call a worker writes what it is about to call
  * (database, handler, the events, and the generation of the handler's state
- * row) into its slot of the file task_events.calls in the data directory,
+ * row) into its slot of its database's file task_events/calls.<database
+ * OID> in the data directory (a worker's slot is its number in its
+ * database, so the worker started in its place finds it),
  * and clears the slot once the batch's transaction has ended.  A worker
  * that starts and finds its slot set counts a failed attempt for that call
- * (dispatch.c, te_record_lost_batch), unless the state row's generation
+ * (lost_batch.c, te_record_lost_batch), unless the state row's generation
  * shows the batch committed after all.
  *
  * Only deaths the handler may have caused are counted.  A call cut short by
@@ -40,7 +42,7 @@
 
 #include "call_journal.h"
 
-#define TE_JOURNAL_FILE "task_events.calls"
+#define TE_JOURNAL_DIR "task_events"
 #define TE_JOURNAL_MAGIC 0x54454331		/* "TEC1" */
 
 typedef struct JournalRecord
@@ -52,6 +54,7 @@ typedef struct JournalRecord
 	pg_crc32c	crc;			/* of everything above */
 } JournalRecord;
 
+static char te_journal_path[MAXPGPATH];
 static int	te_journal_fd = -1;
 static int	te_journal_slot = -1;
 static bool te_journal_dirty = false;
@@ -80,7 +83,7 @@ te_journal_pwrite(const JournalRecord *rec)
 	if (pwrite(te_journal_fd, rec, sizeof(JournalRecord), te_journal_offset()) != sizeof(JournalRecord))
 		ereport(ERROR,
 				(errcode_for_file_access(),
-				 errmsg("could not write file \"%s\": %m", TE_JOURNAL_FILE)));
+				 errmsg("could not write file \"%s\": %m", te_journal_path)));
 }
 
 /*
@@ -95,12 +98,18 @@ te_journal_open(int slot, CalledRange *range)
 	JournalRecord rec;
 	ssize_t		n;
 
-	te_journal_fd = BasicOpenFile(TE_JOURNAL_FILE, O_RDWR | O_CREAT | PG_BINARY);
+	snprintf(te_journal_path, sizeof(te_journal_path), "%s/calls.%u",
+			 TE_JOURNAL_DIR, MyDatabaseId);
+	if (MakePGDirectory(TE_JOURNAL_DIR) != 0 && errno != EEXIST)
+		ereport(WARNING,
+				(errcode_for_file_access(),
+				 errmsg("could not create directory \"%s\": %m", TE_JOURNAL_DIR)));
+	te_journal_fd = BasicOpenFile(te_journal_path, O_RDWR | O_CREAT | PG_BINARY);
 	if (te_journal_fd < 0)
 	{
 		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("could not open file \"%s\": %m", TE_JOURNAL_FILE),
+				 errmsg("could not open file \"%s\": %m", te_journal_path),
 				 errdetail("A handler call that ends the worker's process will not be counted.")));
 		return false;
 	}

@@ -1,6 +1,7 @@
 /*
  * commit_horizon.c
- *		The snapshot that bounds a window of events a handler reads.
+ *		Which events a reader's window holds: the snapshot that bounds it,
+ *		where it begins, and how a window opens and closes.
  *
  * Events are not handled in seq order across transactions but in
  * visibility order: a handler's position is a pair of snapshots, and a
@@ -17,17 +18,27 @@
  * is built from the active snapshot, the one those queries run with.  The
  * reader's own transaction is listed as in progress: events it writes later
  * would otherwise count as seen without having been read.
+ *
+ * The SQL that tells which events a window holds is in commit_horizon.h
+ * (TE_WINDOW_EVENTS, TE_IN_WINDOW), with what it costs.  A reader saves
+ * its EventWindow in a state row of its own (dispatch.c, for the handlers);
+ * the functions here only find where a window begins and move it.
  */
 #include "postgres.h"
 
 #include "access/transam.h"
 #include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/snapmgr.h"
 
 #include "commit_horizon.h"
+#include "spi_util.h"
+
+static SPIPlanPtr te_window_plan = NULL;
 
 /* The 64-bit form of xid, an xid no older than 2^31 transactions before next. */
 static uint64
@@ -88,4 +99,66 @@ te_window_snapshot(void)
 	for (i = 0; i < nxip; i++)
 		appendStringInfo(&buf, "%s" UINT64_FORMAT, i > 0 ? "," : "", xip[i]);
 	return DirectFunctionCall1(pg_snapshot_in, CStringGetDatum(buf.data));
+}
+
+/*
+ * The lowest seq of the events visible in end and not in start, or 0 when
+ * there is none.  Assumes SPI is connected and an active snapshot.
+ */
+int64
+te_window_min_seq(Datum start, Datum end)
+{
+	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID};
+	Datum		values[2];
+	Datum		value;
+	bool		isnull;
+	int64		min_seq;
+
+	te_prepare_kept(&te_window_plan,
+					"SELECT " TE_WINDOW_MIN_SEQ("$1", "$2"),
+					lengthof(argtypes), argtypes);
+	values[0] = start;
+	values[1] = end;
+	te_execute_kept(te_window_plan, values, NULL, SPI_OK_SELECT);
+	value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	min_seq = isnull ? 0 : DatumGetInt64(value);
+	SPI_freetuptable(SPI_tuptable);
+	return min_seq;
+}
+
+/*
+ * Open a window on *window, which has none open: from its start up to
+ * snapshot end, whose first event is min_seq (te_window_min_seq).  False,
+ * and nothing opened, when min_seq is 0: that window holds no event.
+ */
+bool
+te_open_window(EventWindow *window, Datum end, int64 min_seq)
+{
+	if (min_seq == 0)
+		return false;
+	window->end = end;
+	window->seq = min_seq - 1;
+	return true;
+}
+
+/*
+ * Open a window on *window, which has none open, over the events it has
+ * already read, to read them again from from_seq on: from no snapshot at
+ * all up to its start.  Once closed, the position is where it was.
+ */
+void
+te_open_replay_window(EventWindow *window, int64 from_seq)
+{
+	window->end = window->start;
+	window->start = DirectFunctionCall1(pg_snapshot_in, CStringGetDatum("1:1:"));
+	window->seq = from_seq - 1;
+}
+
+/* Close the open window: everything up to its end snapshot is read. */
+void
+te_close_window(EventWindow *window)
+{
+	window->start = window->end;
+	window->end = (Datum) 0;
+	window->seq = 0;
 }

@@ -1,8 +1,8 @@
 /*
  * dispatch.c
- *		Running one batch of events through one handler: the commit-safe
- *		window (see commit_horizon.c), the call, retries with backoff, dead
- *		letters, and the handler's position.
+ *		Running one batch of events through one handler: which handlers
+ *		have work, the lock on the handler's state, its window
+ *		(commit_horizon.c), the call, and the handler's new position.
  *
  * A handler is a row of task_events.handlers naming a function that takes
  * task_events.events[] (in seq order).  Its position and retry state are
@@ -12,13 +12,9 @@
  * position, dead letters and failure counts commit in the caller's
  * transaction, together: an event's effect is recorded exactly once.
  *
- * Each call runs in a subtransaction.  When a whole batch fails, its events
- * are retried one at a time to find the one that fails; the ones before it
- * are kept, the failing one's attempt is counted (after rolling back the
- * attempt, so the count survives) and the handler waits
- * retry_delay * 2^(attempts - 1) before trying it again.  After
- * max_attempts the event goes to task_events.dead_letters and the handler
- * moves on.
+ * Each call runs in a subtransaction.  A batch that fails is handed to
+ * dead_letters.c, which finds the failing event, counts its attempts and
+ * backs off or dead-letters it; the retry of dead letters is there too.
  *
  * A batch can also be lost whole: its handler ended the worker's process,
  * or its transaction failed to commit (a deferred check of another system,
@@ -32,66 +28,42 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/stratnum.h"
+#include "access/table.h"
 #include "access/xact.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
+#include "utils/rel.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
 #include "call_journal.h"
 #include "commit_horizon.h"
+#include "dead_letters.h"
 #include "dispatch.h"
 #include "handler_call.h"
+#include "handler_state.h"
 #include "log_origin.h"
 #include "spi_util.h"
 #include "task_events.h"
 
-/* Longest wait between two attempts at a failing event. */
-#define TE_MAX_RETRY_DELAY_MS (10 * 60 * 1000)
-
-/* A handler's row of task_events.handler_state, as locked for a batch. */
-typedef struct HandlerState
-{
-	const char *handler;
-	Oid			function;
-	Datum		window_start;	/* pg_snapshot */
-	Datum		window_end;		/* pg_snapshot, or 0 when no window is open */
-	int64		window_seq;		/* in the open window, seqs up to this are done */
-	int64		last_seq;		/* highest seq handled, for monitoring */
-	int64		failing_seq;	/* 0, or the event being retried */
-	int32		attempts;		/* failed attempts at failing_seq */
-	TimestampTz retry_at;		/* 0, or no attempt before this time */
-	int64		isolate_through;	/* events up to this seq go one per batch */
-	int64		generation;		/* of the state row, bumped at each save */
-	char	   *last_sqlstate;	/* the last failure, as saved */
-	char	   *last_message;
-	const HandlerPeek *peek;	/* what te_peek_handlers found */
-	bool		opened_window;	/* this batch opened the window */
-	/* what this batch adds to the state */
-	int64		done;			/* events moved past: processed or dead-lettered */
-	int64		processed;		/* events the handler handled successfully */
-	int64		failed;
-	double		batch_ms;
-	bool		changed;		/* something to save */
-	CalledRange calls;			/* the events passed to the handler (first_seq 0: none) */
-	ErrorData  *last_error;
-} HandlerState;
-
 static SPIPlanPtr te_peek_plan = NULL;
 static SPIPlanPtr te_lock_plan = NULL;
+static SPIPlanPtr te_claim_state_plan = NULL;
 static SPIPlanPtr te_create_state_plan = NULL;
-static SPIPlanPtr te_window_plan = NULL;
 static SPIPlanPtr te_batch_plan = NULL;
-static SPIPlanPtr te_dead_letter_plan = NULL;
-static SPIPlanPtr te_retry_select_plan = NULL;
-static SPIPlanPtr te_retry_done_plan = NULL;
-static SPIPlanPtr te_retry_failed_plan = NULL;
 static SPIPlanPtr te_save_plan = NULL;
 
 /* Value of column col of SPI result row 0, copied into the current context. */
@@ -106,7 +78,7 @@ te_result_datum(int col, bool *isnull)
 }
 
 /* A one-element task_events.events[] holding event. */
-static Datum
+Datum
 te_single_event_array(Datum event, Oid event_type)
 {
 	int16		typlen;
@@ -118,7 +90,8 @@ te_single_event_array(Datum event, Oid event_type)
 										   typlen, typbyval, typalign));
 }
 
-static int64
+/* The seq of event, a task_events.events. */
+int64
 te_event_seq(Datum event)
 {
 	bool		isnull;
@@ -138,6 +111,7 @@ te_lock_state(HandlerState *st)
 	static const Oid argtypes[] = {TEXTOID};
 	Datum		values[1];
 	bool		isnull;
+	bool		claimed;
 
 	values[0] = CStringGetTextDatum(st->handler);
 	if (!st->peek->has_state_row)
@@ -146,11 +120,26 @@ te_lock_state(HandlerState *st)
 		 * Whoever creates the row holds this lock until its transaction ends,
 		 * so the INSERT below never waits on another runner's uncommitted
 		 * row: that runner is skipped instead, as a locked row would be.
+		 * unregister_handler() takes the same lock before deleting: the
+		 * INSERT, with the snapshot of a statement that starts once the lock
+		 * is held, sees the handler only if it stays until this commits.
+		 * (A key-share lock of the handlers row would need UPDATE on it,
+		 * which the worker role must not have.)
 		 */
+		te_prepare_kept(&te_claim_state_plan,
+						"SELECT pg_catalog.pg_try_advisory_xact_lock("
+						"  pg_catalog.hashtext('task_events.handler_state'), pg_catalog.hashtext($1))",
+						lengthof(argtypes), argtypes);
+		te_execute_kept(te_claim_state_plan, values, NULL, SPI_OK_SELECT);
+		claimed = DatumGetBool(te_result_datum(1, &isnull));
+		SPI_freetuptable(SPI_tuptable);
+		if (!claimed)
+			return false;
+
 		te_prepare_kept(&te_create_state_plan,
 						"INSERT INTO task_events.handler_state (handler)"
-						" SELECT $1 WHERE pg_catalog.pg_try_advisory_xact_lock("
-						"   pg_catalog.hashtext('task_events.handler_state'), pg_catalog.hashtext($1))"
+						" SELECT h.handler FROM task_events.handlers h"
+						" WHERE h.handler OPERATOR(pg_catalog.=) $1"
 						" ON CONFLICT DO NOTHING RETURNING true",
 						lengthof(argtypes), argtypes);
 		te_execute_kept(te_create_state_plan, values, NULL, SPI_OK_INSERT_RETURNING);
@@ -165,7 +154,8 @@ te_lock_state(HandlerState *st)
 	te_prepare_kept(&te_lock_plan,
 					"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end,"
 					"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at,"
-					"       s.isolate_through, s.generation, s.last_sqlstate, s.last_error"
+					"       s.isolate_through, s.generation, s.last_sqlstate, s.last_error,"
+					"       h.event_types, s.replay_from_seq"
 					" FROM task_events.handlers h"
 					" JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
 					" WHERE h.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
@@ -179,9 +169,9 @@ te_lock_state(HandlerState *st)
 	}
 
 	st->function = DatumGetObjectId(te_result_datum(1, &isnull));
-	st->window_start = te_result_datum(2, &isnull);
-	st->window_end = te_result_datum(3, &isnull);
-	st->window_seq = DatumGetInt64(te_result_datum(4, &isnull));
+	st->window.start = te_result_datum(2, &isnull);
+	st->window.end = te_result_datum(3, &isnull);
+	st->window.seq = DatumGetInt64(te_result_datum(4, &isnull));
 	st->last_seq = DatumGetInt64(te_result_datum(5, &isnull));
 	st->failing_seq = DatumGetInt64(te_result_datum(6, &isnull));
 	st->attempts = DatumGetInt32(te_result_datum(7, &isnull));
@@ -190,31 +180,10 @@ te_lock_state(HandlerState *st)
 	st->generation = DatumGetInt64(te_result_datum(10, &isnull));
 	st->last_sqlstate = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 11);
 	st->last_message = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 12);
+	st->event_types = te_result_datum(13, &isnull);
+	st->replay_from_seq = DatumGetInt64(te_result_datum(14, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	return true;
-}
-
-/*
- * The lowest seq of the events visible in end and not in the handler's
- * window_start, or 0 when there is none.
- */
-static int64
-te_window_min_seq(HandlerState *st, Datum end)
-{
-	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID};
-	Datum		values[2];
-	Datum		min_seq;
-	bool		isnull;
-
-	te_prepare_kept(&te_window_plan,
-					"SELECT " TE_WINDOW_MIN_SEQ("$1", "$2"),
-					lengthof(argtypes), argtypes);
-	values[0] = st->window_start;
-	values[1] = end;
-	te_execute_kept(te_window_plan, values, NULL, SPI_OK_SELECT);
-	min_seq = te_result_datum(1, &isnull);
-	SPI_freetuptable(SPI_tuptable);
-	return isnull ? 0 : DatumGetInt64(min_seq);
 }
 
 /*
@@ -224,14 +193,14 @@ te_window_min_seq(HandlerState *st, Datum end)
  * snapshot.  False when that window holds no event.
  */
 static bool
-te_open_window(HandlerState *st)
+te_open_handler_window(HandlerState *st)
 {
 	Datum		end;
 	int64		min_seq;
 
-	if (st->window_end != (Datum) 0)
+	if (st->window.end != (Datum) 0)
 		return true;
-	if (datumIsEqual(st->window_start, st->peek->window_start, false, -1))
+	if (datumIsEqual(st->window.start, st->peek->window_start, false, -1))
 	{
 		end = st->peek->window_end;
 		min_seq = st->peek->min_seq;
@@ -239,24 +208,30 @@ te_open_window(HandlerState *st)
 	else
 	{
 		end = te_window_snapshot();
-		min_seq = te_window_min_seq(st, end);
+		min_seq = te_window_min_seq(st->window.start, end);
 	}
-	if (min_seq == 0)
+	if (!te_open_window(&st->window, end, min_seq))
 		return false;
 	st->opened_window = true;
-
-	st->window_end = end;
-	st->window_seq = min_seq - 1;
 	return true;
 }
 
-/* Close the open window: everything up to its end snapshot is handled. */
+/*
+ * Begin the replay replay_handler() asked for, unless a window is open (the
+ * replay then begins once it is closed): a window over the events the
+ * handler has all handled, read from replay_from_seq on
+ * (te_open_replay_window).  The window is not "opened" by this batch in
+ * the sense of te_open_handler_window: its end is old, so the worker looks
+ * again when it closes.
+ */
 static void
-te_close_window(HandlerState *st)
+te_begin_replay(HandlerState *st)
 {
-	st->window_start = st->window_end;
-	st->window_end = (Datum) 0;
-	st->window_seq = 0;
+	if (st->replay_from_seq == 0 || st->window.end != (Datum) 0)
+		return;
+	te_open_replay_window(&st->window, st->replay_from_seq);
+	st->replay_from_seq = 0;
+	st->changed = true;
 }
 
 /*
@@ -264,10 +239,10 @@ te_close_window(HandlerState *st)
  * not processed) dead-lettered: move the position past them, and forget the
  * retry state of any of them.
  */
-static void
+void
 te_mark_done(HandlerState *st, int64 seq, int64 count, bool processed)
 {
-	st->window_seq = seq;
+	st->window.seq = seq;
 	st->last_seq = Max(st->last_seq, seq);
 	st->done += count;
 	if (processed)
@@ -284,7 +259,7 @@ te_mark_done(HandlerState *st, int64 seq, int64 count, bool processed)
 }
 
 /* The events of a batch (a task_events.events[]), and their type. */
-static void
+void
 te_batch_events(Datum batch, Oid *event_type, Datum **events, int *nevents)
 {
 	ArrayType  *array = DatumGetArrayTypeP(batch);
@@ -299,11 +274,25 @@ te_batch_events(Datum batch, Oid *event_type, Datum **events, int *nevents)
 }
 
 /*
+ * Move the position past the window's events up to seq that the handler is
+ * not called with (event_types): they are neither processed nor failed.
+ */
+static void
+te_skip_to(HandlerState *st, int64 seq)
+{
+	st->window.seq = Max(st->window.seq, seq);
+	st->last_seq = Max(st->last_seq, seq);
+	st->changed = true;
+	if (st->isolate_through <= seq)
+		st->isolate_through = 0;
+}
+
+/*
  * Call the handler with events (a task_events.events[], in seq order),
  * journaled first (in a worker) so that a call that ends the process is
  * counted.  Returns true on success, else the error in *error.
  */
-static bool
+bool
 te_call(HandlerState *st, Datum events, bool retries, MemoryContext cxt, ErrorData **error)
 {
 	CalledRange call;
@@ -333,220 +322,42 @@ te_call(HandlerState *st, Datum events, bool retries, MemoryContext cxt, ErrorDa
 	return te_call_handler(st->function, events, cxt, error);
 }
 
-static void
-te_insert_dead_letter(HandlerState *st, Datum event, int64 seq,
-					  const char *sqlstate, const char *message)
-{
-	static const Oid argtypes[] = {TEXTOID, INT8OID, UUIDOID, INT4OID, TEXTOID, TEXTOID};
-	Datum		values[6];
-	bool		isnull;
-
-	te_prepare_kept(&te_dead_letter_plan,
-					"INSERT INTO task_events.dead_letters"
-					" (handler, seq, event_id, attempts, sqlstate, message, failed_at)"
-					" VALUES ($1, $2, $3, $4, $5, $6, pg_catalog.clock_timestamp())",
-					lengthof(argtypes), argtypes);
-	values[0] = CStringGetTextDatum(st->handler);
-	values[1] = Int64GetDatum(seq);
-	values[2] = GetAttributeByName(DatumGetHeapTupleHeader(event), "event_id", &isnull);
-	values[3] = Int32GetDatum(st->attempts);
-	values[4] = CStringGetTextDatum(sqlstate);
-	values[5] = CStringGetTextDatum(message);
-	te_execute_kept(te_dead_letter_plan, values, NULL, SPI_OK_INSERT);
-}
-
 /*
- * When no attempt before now + the backoff after attempts failed attempts
- * at an event: retry_delay * 2^(attempts - 1), at most 10 minutes.
- */
-TimestampTz
-te_backoff_until(int attempts)
-{
-	int64		delay_ms = (int64) te_retry_delay_ms << Min(Max(attempts, 1) - 1, 30);
-
-	delay_ms = Min(delay_ms, TE_MAX_RETRY_DELAY_MS);
-	return GetCurrentTimestamp() + delay_ms * 1000;
-}
-
-/*
- * Count a failed attempt at event seq.  Returns true when the event was
- * dead-lettered (the handler moves on), false when it is to be retried
- * after a backoff (the handler stops here).
- */
-static bool
-te_record_failure(HandlerState *st, Datum event, int64 seq, ErrorData *error)
-{
-	st->failed++;
-	st->last_error = error;
-	st->attempts = (st->failing_seq == seq) ? st->attempts + 1 : 1;
-	st->failing_seq = seq;
-
-	if (st->attempts >= te_max_attempts)
-	{
-		te_insert_dead_letter(st, event, seq, unpack_sql_state(error->sqlerrcode),
-							  error->message ? error->message : "");
-		te_mark_done(st, seq, 1, false);
-		return true;
-	}
-	st->retry_at = te_backoff_until(st->attempts);
-	return false;
-}
-
-
-/*
- * Whether event is the one whose lost batches (lost_batch.c) used up its
- * attempts: it goes to the dead letters with the last error, uncalled.
- * Only a batch of one event is checked: such an event is always isolated.
- */
-static bool
-te_dead_letter_if_exhausted(HandlerState *st, Datum batch)
-{
-	Oid			event_type;
-	Datum	   *events;
-	int			nevents;
-	int64		seq;
-
-	if (st->failing_seq == 0 || st->attempts < te_max_attempts)
-		return false;
-	te_batch_events(batch, &event_type, &events, &nevents);
-	if (nevents != 1 || (seq = te_event_seq(events[0])) != st->failing_seq)
-		return false;
-	te_insert_dead_letter(st, events[0], seq,
-						  st->last_sqlstate ? st->last_sqlstate : "XX000",
-						  st->last_message ? st->last_message : "");
-	te_mark_done(st, seq, 1, false);
-	return true;
-}
-
-/*
- * After a batch failed as a whole, run its events one at a time: keep the
- * ones that succeed, stop at the first that fails (unless it goes to the
- * dead letters).  Returns true when every event was handled.
- */
-static bool
-te_run_one_by_one(HandlerState *st, Datum batch, MemoryContext cxt)
-{
-	Oid			event_type;
-	Datum	   *events;
-	int			nevents;
-	int			i;
-
-	te_batch_events(batch, &event_type, &events, &nevents);
-
-	for (i = 0; i < nevents; i++)
-	{
-		int64		seq = te_event_seq(events[i]);
-		ErrorData  *error = NULL;
-
-		if (te_call(st, te_single_event_array(events[i], event_type), false, cxt, &error))
-			te_mark_done(st, seq, 1, true);
-		else if (!te_record_failure(st, events[i], seq, error))
-			return false;
-	}
-	return true;
-}
-
-/*
- * Retry the handler's dead letters that retry_dead_letters() queued: each
- * once, in seq order; a success removes the dead letter, a failure puts it
- * back with the new error.  Returns whether there were any.
- */
-static bool
-te_retry_dead_letters(HandlerState *st, int max_events, MemoryContext cxt)
-{
-	static const Oid select_types[] = {TEXTOID, INT4OID};
-	static const Oid key_types[] = {TEXTOID, INT8OID, TEXTOID, TEXTOID};
-	Datum		values[4];
-	SPITupleTable *queued;
-	uint64		nqueued;
-	uint64		i;
-
-	te_prepare_kept(&te_retry_select_plan,
-					"SELECT d.seq, e FROM task_events.dead_letters d"
-					" JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq"
-					" WHERE d.handler OPERATOR(pg_catalog.=) $1 AND d.retry_requested"
-					" ORDER BY d.seq LIMIT $2",
-					lengthof(select_types), select_types);
-	values[0] = CStringGetTextDatum(st->handler);
-	values[1] = Int32GetDatum(max_events);
-	te_execute_kept(te_retry_select_plan, values, NULL, SPI_OK_SELECT);
-	if (SPI_processed == 0)
-	{
-		SPI_freetuptable(SPI_tuptable);
-		return false;
-	}
-	queued = SPI_tuptable;
-	nqueued = SPI_processed;
-
-	te_prepare_kept(&te_retry_done_plan,
-					"DELETE FROM task_events.dead_letters"
-					" WHERE handler OPERATOR(pg_catalog.=) $1 AND seq OPERATOR(pg_catalog.=) $2",
-					2, key_types);
-	te_prepare_kept(&te_retry_failed_plan,
-					"UPDATE task_events.dead_letters"
-					" SET attempts = attempts OPERATOR(pg_catalog.+) 1, sqlstate = $3, message = $4,"
-					"     failed_at = pg_catalog.clock_timestamp(), retry_requested = false"
-					" WHERE handler OPERATOR(pg_catalog.=) $1 AND seq OPERATOR(pg_catalog.=) $2",
-					lengthof(key_types), key_types);
-
-	for (i = 0; i < nqueued; i++)
-	{
-		bool		isnull;
-		int64		seq = DatumGetInt64(SPI_getbinval(queued->vals[i], queued->tupdesc, 1, &isnull));
-		Datum		event = SPI_getbinval(queued->vals[i], queued->tupdesc, 2, &isnull);
-		Oid			event_type = SPI_gettypeid(queued->tupdesc, 2);
-		ErrorData  *error = NULL;
-
-		values[1] = Int64GetDatum(seq);
-		if (te_call(st, te_single_event_array(event, event_type), true, cxt, &error))
-		{
-			te_execute_kept(te_retry_done_plan, values, NULL, SPI_OK_DELETE);
-			st->done++;
-			st->processed++;
-		}
-		else
-		{
-			values[2] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
-			values[3] = CStringGetTextDatum(error->message ? error->message : "");
-			te_execute_kept(te_retry_failed_plan, values, NULL, SPI_OK_UPDATE);
-			st->failed++;
-			st->last_error = error;
-		}
-	}
-	SPI_freetuptable(queued);
-	return true;
-}
-
-/*
- * Fetch up to max_events events of the open window, after window_seq, as
- * one task_events.events[] in seq order.  Returns the number fetched and
- * sets *max_seq to the last one's seq.
+ * Fetch the next max_events events of the open window, after window_seq,
+ * in seq order (TE_IN_WINDOW: what the walk costs).  Returns how many there were and sets *max_seq to the last
+ * one's seq; *batch gets those the handler is called with (event_types) as
+ * one task_events.events[], (Datum) 0 when none, and *nbatch their number.
  */
 static int64
-te_fetch_batch(HandlerState *st, int max_events, Datum *batch, int64 *max_seq)
+te_fetch_batch(HandlerState *st, int max_events, Datum *batch, int64 *nbatch, int64 *max_seq)
 {
-	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT4OID};
-	Datum		values[4];
+	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT4OID, TEXTARRAYOID};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 	bool		isnull;
 	int64		count;
 
 	te_prepare_kept(&te_batch_plan,
-					"SELECT pg_catalog.array_agg(b.e ORDER BY (b.e).seq), pg_catalog.count(*),"
-					"       pg_catalog.max((b.e).seq)"
-					" FROM (SELECT e FROM task_events.events e"
+					"SELECT pg_catalog.array_agg(b.e ORDER BY (b.e).seq) FILTER (WHERE b.called),"
+					"       pg_catalog.count(*) FILTER (WHERE b.called),"
+					"       pg_catalog.count(*), pg_catalog.max((b.e).seq)"
+					" FROM (SELECT e, ($5 IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY ($5)) AS called"
+					"       FROM task_events.events e"
 					"       WHERE e.seq OPERATOR(pg_catalog.>) $3"
-					"         AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, $1)"
-					"         AND pg_catalog.pg_visible_in_snapshot(e.xact_id, $2)"
+					"         AND " TE_IN_WINDOW("e.xact_id", "$1", "$2")
 					"       ORDER BY e.seq LIMIT $4) b",
 					lengthof(argtypes), argtypes);
-	values[0] = st->window_start;
-	values[1] = st->window_end;
-	values[2] = Int64GetDatum(st->window_seq);
+	values[0] = st->window.start;
+	values[1] = st->window.end;
+	values[2] = Int64GetDatum(st->window.seq);
 	values[3] = Int32GetDatum(max_events);
-	te_execute_kept(te_batch_plan, values, NULL, SPI_OK_SELECT);
+	values[4] = st->event_types;
+	nulls[4] = st->event_types ? ' ' : 'n';
+	te_execute_kept(te_batch_plan, values, nulls, SPI_OK_SELECT);
 	*batch = te_result_datum(1, &isnull);
-	count = DatumGetInt64(te_result_datum(2, &isnull));
-	*max_seq = count > 0 ? DatumGetInt64(te_result_datum(3, &isnull)) : 0;
+	*nbatch = DatumGetInt64(te_result_datum(2, &isnull));
+	count = DatumGetInt64(te_result_datum(3, &isnull));
+	*max_seq = count > 0 ? DatumGetInt64(te_result_datum(4, &isnull)) : 0;
 	SPI_freetuptable(SPI_tuptable);
 	return count;
 }
@@ -557,10 +368,10 @@ te_save_state(HandlerState *st)
 {
 	static const Oid argtypes[] = {
 		TEXTOID, PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT8OID, INT8OID, INT4OID,
-		TIMESTAMPTZOID, TEXTOID, TEXTOID, INT8OID, INT8OID, INT4OID, FLOAT8OID, INT8OID
+		TIMESTAMPTZOID, TEXTOID, TEXTOID, INT8OID, INT8OID, INT4OID, FLOAT8OID, INT8OID, INT8OID
 	};
-	Datum		values[15];
-	char		nulls[15];
+	Datum		values[16];
+	char		nulls[16];
 
 	te_prepare_kept(&te_save_plan,
 					"UPDATE task_events.handler_state SET"
@@ -575,7 +386,7 @@ te_save_state(HandlerState *st)
 					" batches = batches OPERATOR(pg_catalog.+) $13,"
 					" batch_ms_total = batch_ms_total OPERATOR(pg_catalog.+) $14,"
 					" batch_ms_max = GREATEST(batch_ms_max, $14),"
-					" isolate_through = $15,"
+					" isolate_through = $15, replay_from_seq = $16,"
 					" generation = generation OPERATOR(pg_catalog.+) 1,"
 					" updated_at = pg_catalog.clock_timestamp()"
 					" WHERE handler OPERATOR(pg_catalog.=) $1",
@@ -583,10 +394,10 @@ te_save_state(HandlerState *st)
 
 	memset(nulls, ' ', sizeof(nulls));
 	values[0] = CStringGetTextDatum(st->handler);
-	values[1] = st->window_start;
-	values[2] = st->window_end;
-	nulls[2] = st->window_end ? ' ' : 'n';
-	values[3] = Int64GetDatum(st->window_seq);
+	values[1] = st->window.start;
+	values[2] = st->window.end;
+	nulls[2] = st->window.end ? ' ' : 'n';
+	values[3] = Int64GetDatum(st->window.seq);
 	values[4] = Int64GetDatum(st->last_seq);
 	values[5] = Int64GetDatum(st->failing_seq);
 	nulls[5] = st->failing_seq ? ' ' : 'n';
@@ -605,6 +416,8 @@ te_save_state(HandlerState *st)
 	values[12] = Int32GetDatum(st->calls.first_seq != 0 ? 1 : 0);
 	values[13] = Float8GetDatum(st->batch_ms);
 	values[14] = Int64GetDatum(st->isolate_through);
+	values[15] = Int64GetDatum(st->replay_from_seq);
+	nulls[15] = st->replay_from_seq ? ' ' : 'n';
 	te_execute_kept(te_save_plan, values, nulls, SPI_OK_UPDATE);
 }
 
@@ -615,8 +428,32 @@ te_save_state(HandlerState *st)
  * and goes on).
  */
 static void
-te_require_schema_version(const char *version)
+te_require_schema_version(void)
 {
+	Oid			extoid = get_extension_oid("task_events", true);
+	char	   *version = NULL;
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
+				ObjectIdGetDatum(extoid));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+	{
+		bool		isnull;
+		Datum		value = heap_getattr(tuple, Anum_pg_extension_extversion,
+										 RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			version = text_to_cstring(DatumGetTextPP(value));
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+
 	if (version == NULL || strcmp(version, TE_SCHEMA_VERSION) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -645,6 +482,8 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 	uint64		i;
 
 	te_require_native_log();
+	/* Before the peek: its query names columns an older schema lacks. */
+	te_require_schema_version();
 
 	/*
 	 * Per handler: its position, whether a window is open, its backoff, the
@@ -658,7 +497,7 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 	 * from the future.
 	 */
 	te_prepare_kept(&te_peek_plan,
-					"SELECT h.handler, p.ws, s.window_end IS NOT NULL, s.retry_at,"
+					"SELECT h.handler, p.ws, s.window_end IS NOT NULL OR s.replay_from_seq IS NOT NULL, s.retry_at,"
 					"       CASE WHEN s.window_end IS NULL THEN " TE_WINDOW_MIN_SEQ("p.ws", "$1") " END,"
 					"       EXISTS (SELECT FROM task_events.dead_letters d"
 					"               WHERE d.handler OPERATOR(pg_catalog.=) h.handler AND d.retry_requested),"
@@ -667,9 +506,7 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 					"         OPERATOR(pg_catalog.>) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
 					"       OR (SELECT pg_catalog.max(e.xact_id) FROM task_events.events e"
 					"          WHERE e.xact_id OPERATOR(pg_catalog.<>) COALESCE(pg_catalog.pg_current_xact_id_if_assigned(), '0'::pg_catalog.xid8))"
-					"         OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()),"
-					"       (SELECT x.extversion FROM pg_catalog.pg_extension x"
-					"        WHERE x.extname OPERATOR(pg_catalog.=) 'task_events')"
+					"         OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
 					" FROM task_events.handlers h"
 					" LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
 					" CROSS JOIN LATERAL (SELECT COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot) AS ws) p"
@@ -704,7 +541,6 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 		value = SPI_getbinval(row, desc, 8, &isnull);
 		if (!isnull && DatumGetBool(value))
 			te_report_log_in_future();
-		te_require_schema_version(SPI_getvalue(row, desc, 9));
 		peek->backing_off = peek->retry_at > now;
 		peek->has_work = !peek->backing_off &&
 			(window_open || peek->min_seq != 0 || peek->retries_queued);
@@ -731,6 +567,7 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 	HandlerState st;
 	TimestampTz started;
 	Datum		batch;
+	int64		nbatch;
 	int64		max_seq;
 	int64		count = 0;
 	int			budget = 0;
@@ -763,23 +600,27 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 	if (peek->retries_queued)
 		retried = te_retry_dead_letters(&st, max_events, cxt);
 
-	if (!retried && te_open_window(&st))
+	if (!retried)
+		te_begin_replay(&st);
+	if (!retried && te_open_handler_window(&st))
 	{
-		budget = (st.isolate_through > st.window_seq) ? 1 : max_events;
-		count = te_fetch_batch(&st, budget, &batch, &max_seq);
-		if (count > 0 && !te_dead_letter_if_exhausted(&st, batch))
+		budget = (st.isolate_through > st.window.seq) ? 1 : max_events;
+		count = te_fetch_batch(&st, budget, &batch, &nbatch, &max_seq);
+		if (nbatch > 0 && !te_dead_letter_if_exhausted(&st, batch))
 		{
 			ErrorData  *error = NULL;
 
 			if (te_call(&st, batch, false, cxt, &error))
-				te_mark_done(&st, max_seq, count, true);
+				te_mark_done(&st, max_seq, nbatch, true);
 			else
 				stopped = !te_run_one_by_one(&st, batch, cxt);
 		}
+		if (count > 0 && !stopped)
+			te_skip_to(&st, max_seq);
 		window_done = !stopped && count < budget;
 		if (window_done)
 		{
-			te_close_window(&st);
+			te_close_window(&st.window);
 			st.changed = true;
 		}
 	}

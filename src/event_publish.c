@@ -45,11 +45,14 @@ te_event_envelope(const char *event_type, Jsonb *payload,
 /*
  * Queue the NOTIFY of one appended event (ev->seq must be set), unless
  * task_events.notify_mode leaves publishing to the relay handler, or off.
+ * In relay mode, a database that no worker can serve (registry.c) publishes
+ * at commit instead: it would publish nothing otherwise.
  */
 void
 te_publish_event(const TaskEvent *ev)
 {
-	if (te_notify_mode != TE_NOTIFY_COMMIT)
+	if (te_notify_mode == TE_NOTIFY_OFF ||
+		(te_notify_mode == TE_NOTIFY_RELAY && !te_database_unserved()))
 		return;
 	Async_Notify(TE_CHANNEL,
 				 te_event_envelope(ev->event_type, ev->payload,

@@ -10,7 +10,7 @@
  * commit):
  * - one window event: a failed attempt at it, with the usual backoff; once
  *   its attempts reach max_attempts, the next batch dead-letters it without
- *   calling the handler again (dispatch.c, te_dead_letter_if_exhausted);
+ *   calling the handler again (dead_letters.c, te_dead_letter_if_exhausted);
  * - several: the handler cannot say which event it was, so a failed attempt
  *   is counted for the handler and its events are isolated, handled one per
  *   batch (isolate_through) until past the last one, so that a repeated loss
@@ -30,6 +30,7 @@
 #include "executor/spi.h"
 #include "utils/builtins.h"
 
+#include "dead_letters.h"
 #include "dispatch.h"
 #include "spi_util.h"
 #include "task_events.h"
@@ -117,7 +118,7 @@ te_record_lost_batch(const CalledRange *calls, int sqlerrcode, const char *messa
 
 	te_prepare_kept(&te_lost_save_plan,
 					"UPDATE task_events.handler_state SET"
-					" failing_seq = NULLIF($2, 0), attempts = $3, retry_at = COALESCE($4, retry_at),"
+					" failing_seq = $2, attempts = $3, retry_at = COALESCE($4, retry_at),"
 					" isolate_through = $5,"
 					" last_sqlstate = $6, last_error = $7, last_error_at = pg_catalog.clock_timestamp(),"
 					" failed = failed OPERATOR(pg_catalog.+) 1,"
@@ -125,6 +126,7 @@ te_record_lost_batch(const CalledRange *calls, int sqlerrcode, const char *messa
 					" WHERE handler OPERATOR(pg_catalog.=) $1",
 					lengthof(save_types), save_types);
 	values[1] = Int64GetDatum(failing_seq);
+	nulls[1] = failing_seq != 0 ? ' ' : 'n';	/* no NULLIF: its = follows search_path */
 	values[2] = Int32GetDatum(attempts);
 	/*
 	 * Queued retries are taken off the queue: nothing to wait for.  An event

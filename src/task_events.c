@@ -4,9 +4,10 @@
  *
  * The write path needs none of this and works whether or not the library
  * is preloaded.  With shared_preload_libraries = 'task_events', _PG_init
- * also reserves the shared state (the workers' latches) and registers
- * task_events.worker_count workers that run the event handlers in the
- * database named by task_events.database, as task_events.worker_role.
+ * also reserves the shared state (the registry of served databases) and
+ * registers the launcher, which starts task_events.worker_count workers in
+ * each database where the extension exists (launcher.c), and installs the
+ * hook that keeps the registry up to date (utility_hook.c).
  */
 #include "postgres.h"
 
@@ -14,8 +15,6 @@
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
-#include "storage/lwlock.h"
-#include "storage/shmem.h"
 #include "utils/guc.h"
 
 #include "task_events.h"
@@ -54,25 +53,25 @@ static void
 te_define_worker_gucs(void)
 {
 	DefineCustomStringVariable("task_events.database",
-							   "Database whose events the background workers handle.",
+							   "The one database the background workers serve; empty: every database with the extension.",
 							   NULL,
 							   &te_database,
-							   "postgres",
+							   "",
 							   PGC_POSTMASTER,
 							   0,
 							   NULL, NULL, NULL);
 	DefineCustomStringVariable("task_events.worker_role",
 							   "Role the background workers connect as, and so run the handlers as.",
 							   "Empty means the bootstrap superuser. The role needs LOGIN, CONNECT on "
-							   "task_events.database, and the privileges every enabled handler needs.",
+							   "the databases served, and the privileges on the bookkeeping tables.",
 							   &te_worker_role,
 							   "",
 							   PGC_POSTMASTER,
 							   0,
 							   NULL, NULL, NULL);
 	DefineCustomIntVariable("task_events.worker_count",
-							"Number of background workers that run the event handlers.",
-							"Each worker takes whichever handler is free, so handlers run in parallel up to this number.",
+							"Number of background workers that run the event handlers, in each database served.",
+							"Each worker takes whichever handler of its database is free, so handlers run in parallel up to this number.",
 							&te_worker_count,
 							1, 1, TE_MAX_WORKERS,
 							PGC_POSTMASTER,
@@ -150,45 +149,33 @@ te_shmem_request(void)
 {
 	if (te_prev_shmem_request_hook)
 		te_prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(TeSharedState)));
+	te_registry_shmem_request();
 }
 
 static void
 te_shmem_startup(void)
 {
-	bool		found;
-
 	if (te_prev_shmem_startup_hook)
 		te_prev_shmem_startup_hook();
-
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	te_shared = ShmemInitStruct("task_events", sizeof(TeSharedState), &found);
-	if (!found)
-		memset(te_shared, 0, sizeof(TeSharedState));
-	LWLockRelease(AddinShmemInitLock);
+	te_registry_shmem_init();
 }
 
+/* The launcher: one per server, restarted a second after it dies. */
 static void
-te_register_workers(void)
+te_register_launcher(void)
 {
-	int			i;
+	BackgroundWorker worker;
 
-	for (i = 0; i < te_worker_count; i++)
-	{
-		BackgroundWorker worker;
-
-		memset(&worker, 0, sizeof(worker));
-		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-		/* Not on a standby: handlers write, and a standby is read-only. */
-		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-		worker.bgw_restart_time = 1;
-		snprintf(worker.bgw_library_name, BGW_MAXLEN, "task_events");
-		snprintf(worker.bgw_function_name, BGW_MAXLEN, "te_worker_main");
-		snprintf(worker.bgw_name, BGW_MAXLEN, "task_events worker %d", i + 1);
-		snprintf(worker.bgw_type, BGW_MAXLEN, "task_events worker");
-		worker.bgw_main_arg = Int32GetDatum(i);
-		RegisterBackgroundWorker(&worker);
-	}
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	/* Not on a standby: handlers write, and a standby is read-only. */
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 1;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "task_events");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "te_launcher_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "task_events launcher");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "task_events launcher");
+	RegisterBackgroundWorker(&worker);
 }
 
 void
@@ -206,5 +193,6 @@ _PG_init(void)
 	te_prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = te_shmem_startup;
 
-	te_register_workers();
+	te_register_launcher();
+	te_install_utility_hook();
 }

@@ -5,7 +5,7 @@
  * A background worker cannot LISTEN (notifications go to a frontend), so a
  * writer that appends an event registers, once per transaction, interest in
  * its commit; the transaction callback then sets the latches of the running
- * workers.  XACT_EVENT_COMMIT fires after the commit is visible to new
+ * workers of its database.  XACT_EVENT_COMMIT fires after the commit is visible to new
  * snapshots, so a woken worker sees the events.  Commits that bypass the
  * write functions (COMMIT PREPARED, pg_restore, a direct INSERT) are found by
  * the workers' timed poll (task_events.poll_interval).
@@ -13,23 +13,29 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "miscadmin.h"
 
 #include "task_events.h"
 
 static bool te_callback_registered = false;
 static bool te_xact_wrote_events = false;
 
-/* Set the latch of every running worker. */
+/*
+ * Set the latch of every running worker of the current database.  Read
+ * without the registry's lock: a latch read just as its worker exits wakes
+ * another process for nothing (a latch lives as long as the server).
+ */
 void
 te_wake_workers(void)
 {
+	TeDatabase *entry = te_registry_find(MyDatabaseId);
 	int			i;
 
-	if (te_shared == NULL)
+	if (entry == NULL)
 		return;
 	for (i = 0; i < TE_MAX_WORKERS; i++)
 	{
-		Latch	   *latch = te_shared->worker_latch[i];
+		Latch	   *latch = entry->worker_latch[i];
 
 		if (latch != NULL)
 			SetLatch(latch);

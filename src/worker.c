@@ -2,9 +2,9 @@
  * worker.c
  *		The background workers that run the event handlers.
  *
- * Started by the postmaster when the library is preloaded (task_events.c),
- * after recovery: a standby runs none.  Each worker connects to
- * task_events.database as task_events.worker_role and loops: one batch per
+ * Started by the launcher (launcher.c), task_events.worker_count of them
+ * in each database where the extension exists.  Each worker connects to
+ * its database as task_events.worker_role and loops: one batch per
  * enabled handler, each in its own transaction, for as long as there is
  * work; then it sleeps on its latch until a committing writer sets it
  * (wakeup.c), the poll interval passes, or the earliest retry of a failing
@@ -16,17 +16,16 @@
  * the last committed position and neither loses nor repeats an effect.
  *
  * Lifecycle.  No state of the database makes a worker fail in a loop:
- * - the extension not created, or dropped: every transaction first takes a
- *   share lock on the extension and checks it still exists, so a
- *   concurrent DROP EXTENSION waits for at most one batch and the worker
- *   then waits quietly until CREATE EXTENSION;
- * - the database (or role) missing, at start or after DROP DATABASE ...
- *   WITH (FORCE): connecting fails with FATAL once; the next worker of the
- *   slot sees that the attempt never completed (TeSharedState), connects
- *   to no database, logs one line saying why, and waits until it can
- *   connect (te_wait_until_connectable);
+ * - the extension dropped: every transaction first takes a share lock on
+ *   the extension and checks it still exists, so a concurrent DROP
+ *   EXTENSION waits for at most one batch; the worker then exits, and the
+ *   launcher forgets the database once a probe confirms;
+ * - DROP DATABASE and the other statements that need the database to
+ *   themselves park it (registry.c): the worker exits between two batches;
+ * - a database or role that cannot be connected to: connecting fails with
+ *   FATAL, and the launcher retries later (launcher.c);
  * - any other error outside a handler (a handler's own errors are retries
- *   and dead letters, dispatch.c), e.g. a privilege the worker role lacks:
+ *   and dead letters, dead_letters.c), e.g. a privilege the worker role lacks:
  *   logged, the transaction rolled back, and the next round delayed, 1 s
  *   doubling up to a minute, instead of exiting and restarting.
  *
@@ -43,14 +42,9 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
-#include "access/htup_details.h"
-#include "access/stratnum.h"
-#include "access/table.h"
 #include "access/xact.h"
-#include "catalog/pg_authid.h"
-#include "catalog/pg_database.h"
 #include "catalog/pg_extension.h"
+#include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -60,13 +54,9 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/lmgr.h"
-#include "storage/proc.h"
 #include "tcop/tcopprot.h"
-#include "utils/builtins.h"
-#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
-#include "utils/relcache.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -74,38 +64,81 @@
 #include "dispatch.h"
 #include "spi_util.h"
 #include "task_events.h"
+#include "worker_args.h"
 
 /* Longest wait before retrying after an error outside the handlers. */
 #define TE_MAX_ERROR_DELAY_MS (60 * 1000)
-/* Longest wait before retrying a connection that failed for no known reason. */
-#define TE_MAX_CONNECT_DELAY_MS (5 * 60 * 1000)
 
-/* Why the worker cannot connect (te_connect_problem). */
-typedef enum TeConnectProblem
-{
-	TE_CONNECT_OK,				/* nothing known stands in the way */
-	TE_CONNECT_NO_DATABASE,
-	TE_CONNECT_DATABASE_INVALID,	/* a DROP DATABASE was interrupted */
-	TE_CONNECT_DATABASE_CLOSED, /* datallowconn is false */
-	TE_CONNECT_NO_ROLE,
-	TE_CONNECT_ROLE_NOLOGIN
-} TeConnectProblem;
-
+/* This worker's number in its database (0-based), and what the launcher said. */
 static int	te_worker_slot = -1;
+static WorkerArgs te_args;
+static char *te_dbname = NULL;	/* the database's name, for log lines */
 
-/* Leave the shared slot at exit, so that writers stop setting our latch. */
+/* This worker's entry in the registry. */
+static TeDatabase *
+te_my_entry(void)
+{
+	return &te_shared->db[te_args.entry_index];
+}
+
+/*
+ * Leave the registry at exit, so that writers stop setting our latch and the
+ * launcher may start another worker in the slot.
+ */
 static void
 te_worker_detach(int code, Datum arg)
 {
-	if (te_shared != NULL && te_worker_slot >= 0)
-		te_shared->worker_latch[te_worker_slot] = NULL;
+	TeDatabase *entry = te_my_entry();
+
+	LWLockAcquire(te_shared->lock, LW_EXCLUSIVE);
+	if (entry->dboid == te_args.dboid && entry->worker_pid[te_worker_slot] == MyProcPid)
+	{
+		entry->worker_latch[te_worker_slot] = NULL;
+		entry->worker_pid[te_worker_slot] = 0;
+	}
+	LWLockRelease(te_shared->lock);
 }
 
-/* task_events.worker_role as BackgroundWorkerInitializeConnection takes it. */
-static const char *
-te_role_name(void)
+/*
+ * Claim this worker's slot in the registry before connecting, unless the
+ * entry is no longer this database's, is parked, or the slot is taken (a
+ * duplicate start).  Claimed under the lock, so that a statement parking
+ * the database (registry.c) sees every worker that may connect.
+ */
+static bool
+te_claim_slot(void)
 {
-	return (te_worker_role != NULL && te_worker_role[0] != '\0') ? te_worker_role : NULL;
+	TeDatabase *entry = te_my_entry();
+	bool		claimed = false;
+
+	LWLockAcquire(te_shared->lock, LW_EXCLUSIVE);
+	if (entry->dboid == te_args.dboid && entry->parked_by == 0 &&
+		entry->worker_pid[te_worker_slot] == 0)
+	{
+		entry->worker_pid[te_worker_slot] = MyProcPid;
+		claimed = true;
+	}
+	LWLockRelease(te_shared->lock);
+	return claimed;
+}
+
+/*
+ * The extension is gone from this database: have the launcher probe it
+ * again (it forgets the database when the probe confirms), and say so.
+ */
+static void
+te_leave_dropped_extension(void)
+{
+	TeDatabase *entry = te_my_entry();
+
+	LWLockAcquire(te_shared->lock, LW_EXCLUSIVE);
+	if (entry->dboid == te_args.dboid)
+		entry->confirmed = false;
+	LWLockRelease(te_shared->lock);
+	te_wake_launcher();
+	ereport(LOG,
+			(errmsg("task_events worker %d: the extension is not installed in database \"%s\"; stopping",
+					te_worker_slot + 1, te_dbname)));
 }
 
 /*
@@ -211,18 +244,19 @@ te_reload_config_if_pending(void)
 
 /*
  * Which handlers have work, copied into cxt (te_peek_handlers): one
- * read-only transaction for all of them.  NIL when the extension is not
- * installed in this database (the worker then waits for it quietly).
+ * read-only transaction for all of them.  False when the extension is not
+ * installed in this database.
  */
-static List *
-te_peek(MemoryContext cxt)
+static bool
+te_peek(MemoryContext cxt, List **peeks)
 {
-	List	   *peeks = NIL;
+	bool		installed;
 
-	if (te_begin_work("looking for task_events events"))
-		peeks = te_peek_handlers(NULL, cxt);
+	*peeks = NIL;
+	if ((installed = te_begin_work("looking for task_events events")))
+		*peeks = te_peek_handlers(NULL, cxt);
 	te_end_work();
-	return peeks;
+	return installed;
 }
 
 /*
@@ -305,10 +339,10 @@ te_commit_batch(const BatchOutcome *outcome, MemoryContext cxt)
  * One round: one batch of each handler that has work, each in its own
  * transaction.  Returns true when some handler may have more work right
  * away; sets *next_retry to the earliest time a backing-off handler wants
- * to run (0 if none).
+ * to run (0 if none), and *installed to whether the extension exists.
  */
 static bool
-te_run_round(TimestampTz *next_retry)
+te_run_round(TimestampTz *next_retry, bool *installed)
 {
 	static MemoryContext round_cxt = NULL;
 	List	   *peeks;
@@ -319,7 +353,7 @@ te_run_round(TimestampTz *next_retry)
 		round_cxt = AllocSetContextCreate(TopMemoryContext, "task_events round",
 										  ALLOCSET_DEFAULT_SIZES);
 	MemoryContextReset(round_cxt);
-	peeks = te_peek(round_cxt);
+	*installed = te_peek(round_cxt, &peeks);
 
 	*next_retry = 0;
 	foreach(lc, peeks)
@@ -386,13 +420,13 @@ te_log_error_and_abort(void)
  * and fail the same way each time.
  */
 static bool
-te_try_round(TimestampTz *next_retry, bool *more)
+te_try_round(TimestampTz *next_retry, bool *more, bool *installed)
 {
 	volatile bool ok = true;
 
 	PG_TRY();
 	{
-		*more = te_run_round(next_retry);
+		*more = te_run_round(next_retry, installed);
 	}
 	PG_CATCH();
 	{
@@ -405,7 +439,22 @@ te_try_round(TimestampTz *next_retry, bool *more)
 	return ok;
 }
 
-/* Sleep on the latch for up to ms, or until woken; reload the config if asked. */
+/*
+ * Exit if a statement that needs the database to itself parked it
+ * (registry.c).  Called between batches only: a batch in progress ends
+ * first.
+ */
+static void
+te_exit_if_parked(void)
+{
+	if (te_my_entry()->parked_by != 0)
+		proc_exit(0);
+}
+
+/*
+ * Sleep on the latch for up to ms, or until woken; reload the config if
+ * asked, leave if parked.
+ */
 static void
 te_wait(long ms)
 {
@@ -414,6 +463,7 @@ te_wait(long ms)
 	ResetLatch(MyLatch);
 	CHECK_FOR_INTERRUPTS();
 	te_reload_config_if_pending();
+	te_exit_if_parked();
 }
 
 /*
@@ -428,179 +478,6 @@ te_wait_full(long ms)
 
 	while ((now = GetCurrentTimestamp()) < until)
 		te_wait(TimestampDifferenceMilliseconds(now, until) + 1);
-}
-
-/*
- * Copy of the row of the shared catalog relid whose name column (attnum,
- * of type name) is name, or NULL.  Reads like InitPostgres does before the
- * shared catalogs' indexes are known to the relation cache (a process
- * connected to no database cannot load them itself): through the index
- * named indexid when it can, by a heap scan otherwise.  Assumes a
- * transaction is open.
- */
-static HeapTuple
-te_shared_catalog_row(Oid relid, Oid indexid, AttrNumber attnum, const char *name)
-{
-	Relation	rel = table_open(relid, AccessShareLock);
-	ScanKeyData key;
-	SysScanDesc scan;
-	HeapTuple	tuple;
-
-	ScanKeyInit(&key, attnum, BTEqualStrategyNumber, F_NAMEEQ,
-				CStringGetDatum(name));
-	scan = systable_beginscan(rel, indexid, criticalSharedRelcachesBuilt, NULL, 1, &key);
-	tuple = systable_getnext(scan);
-	if (HeapTupleIsValid(tuple))
-		tuple = heap_copytuple(tuple);
-	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
-	return tuple;
-}
-
-/*
- * What stands in the way of connecting to task_events.database as
- * task_events.worker_role, as far as pg_database and pg_authid tell (a
- * missing CONNECT privilege does not show here: it is retried like any
- * unknown cause).  Runs in a worker connected to no database; opens and
- * closes its own transaction.
- */
-static TeConnectProblem
-te_connect_problem(void)
-{
-	TeConnectProblem problem = TE_CONNECT_OK;
-	const char *role = te_role_name();
-	HeapTuple	tuple;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	tuple = te_shared_catalog_row(DatabaseRelationId, DatabaseNameIndexId,
-								  Anum_pg_database_datname, te_database);
-	if (!HeapTupleIsValid(tuple))
-		problem = TE_CONNECT_NO_DATABASE;
-	else
-	{
-		Form_pg_database db = (Form_pg_database) GETSTRUCT(tuple);
-
-		if (database_is_invalid_form(db))
-			problem = TE_CONNECT_DATABASE_INVALID;
-		else if (!db->datallowconn)
-			problem = TE_CONNECT_DATABASE_CLOSED;
-	}
-	if (problem == TE_CONNECT_OK && role != NULL)
-	{
-		tuple = te_shared_catalog_row(AuthIdRelationId, AuthIdRolnameIndexId,
-									  Anum_pg_authid_rolname, role);
-		if (!HeapTupleIsValid(tuple))
-			problem = TE_CONNECT_NO_ROLE;
-		else if (!((Form_pg_authid) GETSTRUCT(tuple))->rolcanlogin)
-			problem = TE_CONNECT_ROLE_NOLOGIN;
-	}
-	CommitTransactionCommand();
-	return problem;
-}
-
-/* Log, once, why the worker cannot connect and what it does about it. */
-static void
-te_report_connect_problem(TeConnectProblem problem)
-{
-	const char *role = te_role_name();
-
-	switch (problem)
-	{
-		case TE_CONNECT_OK:
-			break;
-		case TE_CONNECT_NO_DATABASE:
-			ereport(LOG,
-					(errmsg("task_events worker %d: database \"%s\" does not exist; waiting for it to be created",
-							te_worker_slot + 1, te_database),
-					 errhint("Create the database, or set task_events.database to the database the workers should serve and restart the server.")));
-			break;
-		case TE_CONNECT_DATABASE_INVALID:
-			ereport(LOG,
-					(errmsg("task_events worker %d: database \"%s\" is invalid (an interrupted DROP DATABASE); waiting for it to be dropped and created again",
-							te_worker_slot + 1, te_database),
-					 errhint("Finish dropping it with DROP DATABASE, or set task_events.database to another database and restart the server.")));
-			break;
-		case TE_CONNECT_DATABASE_CLOSED:
-			ereport(LOG,
-					(errmsg("task_events worker %d: database \"%s\" does not allow connections; waiting until it does",
-							te_worker_slot + 1, te_database),
-					 errhint("ALTER DATABASE ... ALLOW_CONNECTIONS true, or set task_events.database to another database and restart the server.")));
-			break;
-		case TE_CONNECT_NO_ROLE:
-			ereport(LOG,
-					(errmsg("task_events worker %d: role \"%s\" does not exist; waiting for it to be created",
-							te_worker_slot + 1, role),
-					 errhint("Create the role, or set task_events.worker_role to an existing role (empty for the bootstrap superuser) and restart the server.")));
-			break;
-		case TE_CONNECT_ROLE_NOLOGIN:
-			ereport(LOG,
-					(errmsg("task_events worker %d: role \"%s\" is not permitted to log in; waiting until it is",
-							te_worker_slot + 1, role),
-					 errhint("ALTER ROLE ... LOGIN, or set task_events.worker_role to another role and restart the server.")));
-			break;
-	}
-}
-
-/*
- * The previous worker of this slot died while connecting.  Connect to no
- * database (as the bootstrap superuser, to read the shared catalogs), find
- * out why from pg_database and pg_authid, say so once, and check again
- * every poll interval; once nothing stands in the way, exit with code 1 so
- * that the postmaster starts a worker that connects.  When the catalogs
- * show no reason (a transient failure, or one they cannot show) retry after
- * a delay that doubles with each failure in a row, 1 s up to 5 minutes,
- * logging each retry.  Never returns.
- */
-static void
-te_wait_until_connectable(void)
-{
-	int			failures = ++te_shared->connect_failures[te_worker_slot];
-	TeConnectProblem reported = TE_CONNECT_OK;
-	char	   *waiting;
-
-	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
-	SetConfigOption("application_name", "task_events worker", PGC_SUSET, PGC_S_OVERRIDE);
-	waiting = psprintf("waiting until database \"%s\" can be connected to", te_database);
-
-	for (;;)
-	{
-		TeConnectProblem problem;
-
-		pgstat_report_activity(STATE_RUNNING, waiting);
-		problem = te_connect_problem();
-		pgstat_report_activity(STATE_IDLE, waiting);
-
-		if (problem == TE_CONNECT_OK)
-		{
-			if (reported != TE_CONNECT_OK)
-			{
-				ereport(LOG,
-						(errmsg("task_events worker %d: database \"%s\" can be connected to now; restarting to connect",
-								te_worker_slot + 1, te_database)));
-				te_shared->connect_failures[te_worker_slot] = 0;
-			}
-			else
-			{
-				long		delay_ms = Min(1000L << Min(failures - 1, 16),
-										   (long) TE_MAX_CONNECT_DELAY_MS);
-
-				ereport(LOG,
-						(errmsg("task_events worker %d could not connect to database \"%s\"; retrying in %ld s",
-								te_worker_slot + 1, te_database, delay_ms / 1000),
-						 errhint("The reason is in the server log above.")));
-				te_wait_full(delay_ms);
-			}
-			te_shared->connect_pending[te_worker_slot] = false;
-			proc_exit(1);
-		}
-		if (problem != reported)
-		{
-			te_report_connect_problem(problem);
-			reported = problem;
-		}
-		te_wait(te_poll_interval_ms);
-	}
 }
 
 /*
@@ -640,48 +517,57 @@ te_worker_main(Datum main_arg)
 	char	   *role;
 
 	te_worker_slot = DatumGetInt32(main_arg);
+	memcpy(&te_args, MyBgworkerEntry->bgw_extra, sizeof(te_args));
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	pqsignal(SIGQUIT, te_journal_on_quit);
 	BackgroundWorkerUnblockSignals();
 
-	/*
-	 * Connecting raises FATAL when the database or the role is missing.  The
-	 * flag survives the exit; the next worker of the slot finds it set and
-	 * waits instead of failing again (te_wait_until_connectable).
-	 */
-	if (te_shared->connect_pending[te_worker_slot])
-		te_wait_until_connectable();
-	te_shared->connect_pending[te_worker_slot] = true;
-	BackgroundWorkerInitializeConnection(te_database, te_role_name(), 0);
-	te_shared->connect_pending[te_worker_slot] = false;
-	te_shared->connect_failures[te_worker_slot] = 0;
+	if (!te_claim_slot())
+		proc_exit(0);
+	on_shmem_exit(te_worker_detach, (Datum) 0);
 
+	/*
+	 * FATAL when the database was dropped, or the role lost LOGIN or CONNECT
+	 * meanwhile: the launcher sees the worker end without having connected,
+	 * logs it and tries again later.
+	 */
+	BackgroundWorkerInitializeConnectionByOid(te_args.dboid, te_args.roleoid, 0);
 	te_set_worker_settings();
 
-	te_shared->worker_latch[te_worker_slot] = MyLatch;
-	on_shmem_exit(te_worker_detach, (Datum) 0);
+	LWLockAcquire(te_shared->lock, LW_EXCLUSIVE);
+	te_my_entry()->worker_connected[te_worker_slot] = true;
+	te_my_entry()->worker_latch[te_worker_slot] = MyLatch;
+	LWLockRelease(te_shared->lock);
 
 	StartTransactionCommand();
 	role = MemoryContextStrdup(TopMemoryContext, GetUserNameFromId(GetUserId(), false));
+	te_dbname = MemoryContextStrdup(TopMemoryContext, get_database_name(MyDatabaseId));
 	CommitTransactionCommand();
 	ereport(LOG,
 			(errmsg("task_events worker %d started in database \"%s\" as role \"%s\"",
-					te_worker_slot + 1, te_database, role)));
+					te_worker_slot + 1, te_dbname, role)));
 	te_count_call_that_ended_process();
 
 	for (;;)
 	{
 		TimestampTz next_retry = 0;
 		bool		more = false;
+		bool		installed = true;
 		bool		ok;
 
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 		te_reload_config_if_pending();
+		te_exit_if_parked();
 
-		ok = te_try_round(&next_retry, &more);
+		ok = te_try_round(&next_retry, &more, &installed);
+		if (!installed)
+		{
+			te_leave_dropped_extension();
+			proc_exit(0);
+		}
 		if (!ok)
 		{
 			/* 1 s, doubling while the error repeats, up to a minute. */

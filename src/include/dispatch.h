@@ -39,7 +39,6 @@ typedef struct BatchOutcome
 extern List *te_peek_handlers(const char *only, MemoryContext cxt);
 extern bool te_run_handler_batch(const HandlerPeek *peek, int max_events,
 								 BatchOutcome *outcome);
-extern TimestampTz te_backoff_until(int attempts);
 
 /* lost_batch.c */
 extern bool te_record_lost_batch(const CalledRange *calls, int sqlerrcode,

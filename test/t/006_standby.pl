@@ -46,9 +46,12 @@ is( $standby->safe_psql('postgres', 'SELECT count(*) FROM task_events.audit_log'
 	$primary->safe_psql('postgres', 'SELECT count(*) FROM task_events.events'),
 	'the standby has the audit rows of every event, by replication');
 handlers_match($standby, 'standby: the replicated handler outputs are exact');
-my @lines = grep { /task_events worker|\b(ERROR|FATAL|PANIC):/ }
+is( $standby->safe_psql('postgres',
+		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'task_events launcher'}),
+	0, 'no task_events launcher on the standby');
+my @lines = grep { !/LOG:  statement:/ && /task_events (worker|launcher)|\b(ERROR|FATAL|PANIC):/ }
   split /\n/, log_since($standby, 0);
-is_deeply(\@lines, [], 'the standby log shows no worker start and no error');
+is_deeply(\@lines, [], 'the standby log shows no launcher or worker start and no error');
 
 # Failover: the primary goes away, the standby is promoted.
 $primary->stop;

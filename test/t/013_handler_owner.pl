@@ -19,7 +19,8 @@
 #   handles the event.
 # - The built-in handlers are not disturbed (exact comparison).
 # The same scenario runs twice: in database postgres, served by the worker,
-# and in database pp, which no worker serves, through process_pending.
+# and in database pp, which no worker serves (task_events.database names
+# postgres), through process_pending.
 use strict;
 use warnings FATAL => 'all';
 
@@ -35,7 +36,8 @@ use TaskEventsTest;
 my $MAX_ATTEMPTS = 2;
 my $node = te_node(
 	'handler_owner',
-	conf => "task_events.max_attempts = $MAX_ATTEMPTS\n"
+	conf => "task_events.database = 'postgres'\n"
+	  . "task_events.max_attempts = $MAX_ATTEMPTS\n"
 	  . "task_events.retry_delay = 10ms\n"
 	  . "task_events.poll_interval = 100ms");
 wait_for_workers($node, 1);
@@ -134,7 +136,7 @@ sub scenario
 		  VALUES ('mallory', 'public.mallory_handler(task_events.events[])')});
 
 	### The benign body: writes as mallory.
-	create_tasks_in($db, 3, 'benign');
+	create_tasks_in($node, $db, 3, 'benign');
 	ok( settle(
 			$db, 'mallory', q{
 			SELECT events_behind = 0 AND processed = 3
@@ -297,15 +299,6 @@ sub scenario
 		$node->safe_psql($db, 'SELECT task_events.process_pending()');
 	}
 	handlers_match($node, "$how: the built-in handlers are exact", db => $db);
-	return;
-}
-
-sub create_tasks_in
-{
-	my ($db, $n, $prefix) = @_;
-	$node->safe_psql($db,
-		join "\n",
-		map { "SELECT FROM task_events.create_task('alice', '$prefix $_');" } 1 .. $n);
 	return;
 }
 

@@ -37,7 +37,8 @@ use TaskEventsTest;
 
 my $node = te_node(
 	'session_state',
-	conf => "task_events.max_attempts = 2\n"
+	conf => "task_events.database = 'postgres'\n"
+	  . "task_events.max_attempts = 2\n"
 	  . "task_events.retry_delay = 10ms\n"
 	  . "task_events.poll_interval = 100ms");
 my ($worker) = wait_for_workers($node, 1);

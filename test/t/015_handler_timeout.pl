@@ -33,7 +33,8 @@ use TaskEventsTest;
 # retry while the other handlers are watched, and lowered later.
 my $node = te_node(
 	'handler_timeout',
-	conf => "task_events.max_attempts = 1000\n"
+	conf => "task_events.database = 'postgres'\n"
+	  . "task_events.max_attempts = 1000\n"
 	  . "task_events.retry_delay = 200ms\n"
 	  . "task_events.poll_interval = 100ms");
 wait_for_workers($node, 1);
@@ -223,7 +224,7 @@ $node->safe_psql('pp', $HANDLERS);
 $node->safe_psql('pp',
 	q{INSERT INTO task_events.handlers (handler, function)
 	  VALUES ('a_sleep', 'public.a_sleep(task_events.events[])')});
-create_tasks_in('pp', 'before 1', 'sleep 1', 'after 1');
+create_titled_tasks('pp', 'before 1', 'sleep 1', 'after 1');
 my ($rc, $out, $err) =
   $node->psql('pp', q{SELECT task_events.process_pending('a_sleep')}, on_error_stop => 1);
 is($rc . '|' . $out, '0|1',
@@ -258,7 +259,7 @@ handlers_match($node, 'in the end the built-in handlers are exact');
 $node->stop;
 done_testing();
 
-sub create_tasks_in
+sub create_titled_tasks
 {
 	my ($db, @titles) = @_;
 	$node->safe_psql($db,

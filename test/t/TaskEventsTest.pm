@@ -59,12 +59,12 @@ sub te_node
 	return $node;
 }
 
-# The pids of the task_events workers, sorted.
+# The pids of the task_events workers (not the launcher), sorted.
 sub worker_pids
 {
 	my ($node, $db) = @_;
 	my $out = $node->safe_psql($db // 'postgres',
-		"SELECT pid FROM pg_stat_activity WHERE backend_type LIKE 'task_events%' ORDER BY pid"
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'task_events worker' ORDER BY pid"
 	);
 	return grep { $_ ne '' } split /\n/, $out;
 }
@@ -74,7 +74,7 @@ sub wait_for_workers
 {
 	my ($node, $n, $what) = @_;
 	$node->poll_query_until('postgres',
-		"SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'task_events%'",
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'task_events worker'",
 		$n)
 	  or die "timed out waiting for $n task_events worker(s)"
 	  . ($what ? " ($what)" : '');
@@ -309,33 +309,11 @@ EOS
 
 our $PGBENCH_SETUP_SQL = 'CREATE SEQUENCE IF NOT EXISTS public.attempts';
 
-sub _pgbench_cmd
-{
-	my ($node, %opt) = @_;
-	my $file = $node->basedir . '/task_events_load.sql';
-	unless (-e $file)
-	{
-		$node->safe_psql('postgres', $PGBENCH_SETUP_SQL);
-		PostgreSQL::Test::Utils::append_to_file($file, pgbench_script());
-	}
-	return [
-		$node->installed_command('pgbench'), '-n',
-		'-h', $node->host, '-p', $node->port,
-		'-c', $opt{clients} // 4, '-j', 2,
-		'-T', $opt{seconds} // 15,
-		'-f', $file, 'postgres'
-	];
-}
-
 # Start a pgbench run in the background; returns a handle for stop_pgbench.
 sub start_pgbench
 {
 	my ($node, %opt) = @_;
-	my $h = { out => '', err => '' };
-	my $cmd = _pgbench_cmd($node, %opt);
-	note "starting in the background: @$cmd";
-	$h->{run} = IPC::Run::start($cmd, '>', \$h->{out}, '2>', \$h->{err});
-	return $h;
+	return start_pgbench_in($node, 'postgres', %opt);
 }
 
 # Start back-to-back short pgbench runs in the background until stop_pgbench:
@@ -344,18 +322,7 @@ sub start_pgbench
 sub start_pgbench_loop
 {
 	my ($node, %opt) = @_;
-	my $h = { out => '', err => '' };
-	my $seconds = $opt{seconds} // 2;
-	my $cmd = _pgbench_cmd($node, %opt, seconds => $seconds);
-	$h->{stop} = $node->basedir . '/stop_pgbench_loop';
-	unlink $h->{stop};
-	# A pgbench started while the server restarts after a crash can hang
-	# (seen with 16 clients): each run is cut off well after its -T.
-	my $pg = join ' ', 'timeout', '-k', '5', $seconds + 20, map { "'$_'" } @$cmd;
-	my $loop = qq{n=0; while [ ! -e '$h->{stop}' ]; do n=\$((n+1)); $pg || sleep 0.2; done; echo "pgbench runs: \$n"};
-	note "starting in the background: $loop";
-	$h->{run} = IPC::Run::start([ 'bash', '-c', $loop ], '>', \$h->{out}, '2>', \$h->{err});
-	return $h;
+	return start_pgbench_loop_in($node, 'postgres', %opt);
 }
 
 # Wait for the background load to end; returns pgbench's exit status.
@@ -374,11 +341,7 @@ sub stop_pgbench
 sub create_tasks
 {
 	my ($node, $n, $prefix, $user) = @_;
-	$user //= 'alice';
-	my $sql = join "\n",
-	  map { "SELECT FROM task_events.create_task('$user', '$prefix $_');" } 1 .. $n;
-	$node->safe_psql('postgres', $sql);
-	return;
+	return create_tasks_in($node, 'postgres', $n, $prefix, $user);
 }
 
 # A test: no handler (the relay handler and registered ones included) has
@@ -435,5 +398,127 @@ sub worker_loops_quietly
 	  . ($what ? " ($what)" : '');
 	return worker_pids($node);
 }
+
+# Helpers for tests that use several databases (026_every_database.pl).
+#
+# - start_pgbench_in / start_pgbench_loop_in: start_pgbench and
+#   start_pgbench_loop in database db (public.attempts is created there);
+#   several can run at once, in different databases;
+# - create_tasks_in: create_tasks in database db.
+push @EXPORT, qw(start_pgbench_in start_pgbench_loop_in create_tasks_in);
+
+sub _pgbench_cmd_in
+{
+	my ($node, $db, %opt) = @_;
+	my $file = $node->basedir . '/task_events_load_in.sql';
+	PostgreSQL::Test::Utils::append_to_file($file, pgbench_script())
+	  unless -e $file;
+	$node->safe_psql($db, $PGBENCH_SETUP_SQL);
+	return [
+		$node->installed_command('pgbench'), '-n',
+		'-h', $node->host, '-p', $node->port,
+		'-c', $opt{clients} // 4, '-j', 2,
+		'-T', $opt{seconds} // 15,
+		'-f', $file, $db
+	];
+}
+
+# start_pgbench_in(node, db, clients => 4, seconds => 15): a pgbench run in
+# database db, in the background; returns a handle for stop_pgbench.
+sub start_pgbench_in
+{
+	my ($node, $db, %opt) = @_;
+	my $h = { out => '', err => '' };
+	my $cmd = _pgbench_cmd_in($node, $db, %opt);
+	note "starting in the background: @$cmd";
+	$h->{run} = IPC::Run::start($cmd, '>', \$h->{out}, '2>', \$h->{err});
+	return $h;
+}
+
+# start_pgbench_loop_in(node, db, clients => 4, seconds => 2): back-to-back
+# short pgbench runs in database db until stop_pgbench, as
+# start_pgbench_loop; each database has its own stop file.
+sub start_pgbench_loop_in
+{
+	my ($node, $db, %opt) = @_;
+	my $h = { out => '', err => '' };
+	my $seconds = $opt{seconds} // 2;
+	my $cmd = _pgbench_cmd_in($node, $db, %opt, seconds => $seconds);
+	$h->{stop} = $node->basedir . "/stop_pgbench_loop_$db";
+	unlink $h->{stop};
+	# A pgbench started while the server restarts after a crash can hang
+	# (seen with 16 clients): each run is cut off well after its -T.
+	my $pg = join ' ', 'timeout', '-k', '5', $seconds + 20, map { "'$_'" } @$cmd;
+	my $loop = qq{n=0; while [ ! -e '$h->{stop}' ]; do n=\$((n+1)); $pg || sleep 0.2; done; echo "pgbench runs: \$n"};
+	note "starting in the background: $loop";
+	$h->{run} = IPC::Run::start([ 'bash', '-c', $loop ], '>', \$h->{out}, '2>', \$h->{err});
+	return $h;
+}
+
+# create_tasks_in(node, db, n, prefix, user): create_tasks in database db.
+sub create_tasks_in
+{
+	my ($node, $db, $n, $prefix, $user) = @_;
+	$user //= 'alice';
+	my $sql = join "\n",
+	  map { "SELECT FROM task_events.create_task('$user', '$prefix $_');" } 1 .. $n;
+	$node->safe_psql($db, $sql);
+	return;
+}
+
+# The pids of the task_events workers (not the launcher, nor its probes), in
+# database db only if given, sorted.
+sub workers
+{
+	my ($node, $db) = @_;
+	my $in = defined $db ? "AND datname = '$db'" : '';
+	return grep { $_ ne '' } split /\n/,
+	  $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'task_events worker' $in ORDER BY pid"
+	  );
+}
+
+# Poll until exactly n workers run, all in database db; returns their pids.
+sub wait_for_workers_in
+{
+	my ($node, $n, $db) = @_;
+	$node->poll_query_until(
+		'postgres', qq{
+		SELECT count(*) = $n AND coalesce(bool_and(datname = '$db'), true) FROM pg_stat_activity
+		WHERE backend_type = 'task_events worker'})
+	  or die "timed out waiting for $n task_events worker(s) in database $db";
+	return workers($node, $db);
+}
+
+# Every task_events process, as "backend_type/datname" lines, sorted.
+sub te_processes
+{
+	my ($node) = @_;
+	return $node->safe_psql(
+		'postgres', q{
+		SELECT string_agg(backend_type || '/' || coalesce(datname, '(none)'), E'\n' ORDER BY 1)
+		FROM pg_stat_activity WHERE backend_type LIKE 'task_events%'});
+}
+
+# Poll until the launcher has gone round its loop for at least ms
+# milliseconds after this call, and no probe of it is running; returns the
+# launcher's pid (dies on timeout).  A worker that the launcher was to start
+# in that time would have been started.
+sub launcher_loops_quietly
+{
+	my ($node, $ms, $what) = @_;
+	my $mark = $node->safe_psql('postgres', 'SELECT clock_timestamp()');
+	$node->poll_query_until(
+		'postgres', qq{
+		SELECT count(*) FILTER (WHERE backend_type = 'task_events launcher'
+		                          AND state_change > '$mark'::timestamptz + interval '$ms ms') = 1
+		   AND count(*) FILTER (WHERE backend_type = 'task_events probe') = 0
+		FROM pg_stat_activity})
+	  or die "timed out waiting for the launcher to loop for $ms ms ($what)";
+	return $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'task_events launcher'");
+}
+
+push @EXPORT, qw(workers wait_for_workers_in te_processes launcher_loops_quietly);
 
 1;
