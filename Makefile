@@ -42,12 +42,14 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 SHLIB_LINK = -luuid
 
 # pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
-REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry handler_api security
+REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry handler_api \
+	subscriptions security
 REGRESS_OPTS = --temp-instance=tmp_check --temp-config=$(srcdir)/test/regress.conf \
 	--encoding=UTF8 --no-locale
 
 # Isolation specs: test/isolation/specs/*.spec against test/isolation/expected/*.out.
-ISOLATION = concurrent_transitions late_commit handler_order concurrent_process_pending
+ISOLATION = concurrent_transitions late_commit handler_order concurrent_process_pending \
+	subscription_one_lane subscription_lease_expiry subscription_late_commit
 ISOLATION_OPTS = --inputdir=$(srcdir)/test/isolation --temp-instance=tmp_check_iso \
 	--temp-config=$(srcdir)/test/regress.conf --encoding=UTF8 --no-locale
 

@@ -127,16 +127,17 @@ BEGIN
 						  OPERATOR(pg_catalog.>=) next_xid, false)
 		OR COALESCE((SELECT pg_catalog.max(GREATEST(pg_catalog.pg_snapshot_xmax(s.window_start),
 													pg_catalog.pg_snapshot_xmax(s.window_end)))
-					 FROM task_events.handler_state s) OPERATOR(pg_catalog.>) next_xid, false);
+					 FROM task_events._positions() s) OPERATOR(pg_catalog.>) next_xid, false);
 	IF NOT foreign_origin AND NOT in_future THEN
 		RETURN 0;
 	END IF;
 
 	IF in_future THEN
-		-- Per event, the handlers (with a position) that had not handled it.
+		-- Per event, the positions (handlers', subscription lanes') that had
+		-- not handled it.
 		CREATE TEMP TABLE te_pending ON COMMIT DROP AS
-		SELECT e.seq, pg_catalog.array_agg(s.handler ORDER BY s.handler) AS pending
-		FROM task_events.handler_state s
+		SELECT e.seq, pg_catalog.array_agg(s.name ORDER BY s.name) AS pending
+		FROM task_events._positions() s
 		CROSS JOIN LATERAL task_events._unhandled_events(s.window_start, s.window_end, s.window_seq) e
 		GROUP BY e.seq;
 		CREATE TEMP TABLE te_pattern ON COMMIT DROP AS
@@ -158,12 +159,16 @@ BEGIN
 		ALTER TABLE task_events.events ENABLE ALWAYS TRIGGER events_append_only;
 
 		UPDATE task_events.handler_state s
-		SET window_start = pg_catalog.format('3:%s:%s', top_xid OPERATOR(pg_catalog.+) 1,
-				COALESCE((SELECT pg_catalog.string_agg(t.xid::pg_catalog.text, ',' ORDER BY t.xid)
-						  FROM te_pattern t
-						  WHERE s.handler OPERATOR(pg_catalog.=) ANY (t.pending)), ''))::pg_catalog.pg_snapshot,
+		SET window_start = task_events._adopted_snapshot(s.handler, top_xid),
 			window_end = NULL,
 			window_seq = 0;
+		-- A lease names events of the old windows: it ends, they are offered again.
+		UPDATE task_events.subscription_lanes l
+		SET window_start = task_events._adopted_snapshot('subscription:' OPERATOR(pg_catalog.||) l.subscription
+														 OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) l.lane, top_xid),
+			window_end = NULL, window_seq = 0, window_last_seq = 0,
+			batch_id = NULL, batch_first_seq = NULL, batch_last_seq = NULL, batch_size = NULL,
+			batch_retries = false, leased_until = NULL;
 	END IF;
 
 	DELETE FROM task_events.log_origin;
@@ -259,6 +264,11 @@ BEGIN
 					  DETAIL = 'The event types are TaskCreated, TaskStatusChanged and TaskCompleted.';
 		END IF;
 	END LOOP;
+	IF pg_catalog.cardinality(event_types) OPERATOR(pg_catalog.<>)
+	   (SELECT pg_catalog.count(DISTINCT u.type) FROM pg_catalog.unnest(event_types) AS u(type)) THEN
+		RAISE EXCEPTION 'event_types must not repeat a type'
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
 END
 $$;
 
@@ -289,7 +299,7 @@ CREATE FUNCTION task_events.unregister_handler(handler text)
 BEGIN
 	PERFORM task_events._require_handler(unregister_handler.handler);
 	IF unregister_handler.handler OPERATOR(pg_catalog.=)
-	   ANY ('{analytics,audit,notification,relay}'::pg_catalog.text[]) THEN
+	   ANY ('{analytics,audit,notification,relay,subscriptions}'::pg_catalog.text[]) THEN
 		RAISE EXCEPTION 'built-in handler "%" cannot be unregistered', unregister_handler.handler
 			USING ERRCODE = 'insufficient_privilege',
 				  HINT = 'Pause it with task_events.pause_handler().';
@@ -515,3 +525,771 @@ COMMENT ON FUNCTION task_events.replay_handler(text, bigint) IS
 	'Has a handler handle again, once, every event from from_seq on that it had handled; returns how many';
 COMMENT ON FUNCTION task_events.rebuild_analytics() IS
 	'Recomputes analytics_counters and completion_stats from the events the analytics handler has counted; returns how many';
+
+/*
+ * Subscriptions: durable consumers outside the database (README,
+ * "Subscriptions").  A subscription has lanes; each lane has a position
+ * like a handler's (a pair of snapshots and the seq acknowledged in the open
+ * window: src/commit_horizon.c tells why), holds the events whose task hashes
+ * to it, and leases one batch at a time to whichever consumer asks.
+ */
+CREATE TABLE task_events.subscriptions (
+	subscription text PRIMARY KEY,
+	event_types text[]
+		CONSTRAINT subscriptions_event_types_check
+		CHECK (event_types OPERATOR(pg_catalog.<@)
+				   '{TaskCreated,TaskStatusChanged,TaskCompleted}'::pg_catalog.text[]
+			   AND pg_catalog.cardinality(event_types) OPERATOR(pg_catalog.>) 0),
+	lanes int NOT NULL CHECK (lanes OPERATOR(pg_catalog.>=) 1 AND lanes OPERATOR(pg_catalog.<=) 64),
+	created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE task_events.subscriptions IS
+	'Durable consumers outside the database (task_events.create_subscription)';
+
+CREATE TABLE task_events.subscription_lanes (
+	subscription text NOT NULL REFERENCES task_events.subscriptions ON DELETE CASCADE,
+	lane int NOT NULL,
+	window_start pg_catalog.pg_snapshot NOT NULL,
+	window_end pg_catalog.pg_snapshot,
+	window_seq bigint NOT NULL DEFAULT 0,
+	window_last_seq bigint NOT NULL DEFAULT 0,
+	last_seq bigint NOT NULL DEFAULT 0,
+	batch_id bigint UNIQUE,
+	batch_first_seq bigint,
+	batch_last_seq bigint,
+	batch_size int,
+	batch_retries boolean NOT NULL DEFAULT false,
+	leased_until timestamptz,
+	served_at timestamptz,
+	attempts int NOT NULL DEFAULT 0,
+	retry_at timestamptz,
+	acknowledged bigint NOT NULL DEFAULT 0,
+	failed bigint NOT NULL DEFAULT 0,
+	last_error text,
+	last_error_at timestamptz,
+	PRIMARY KEY (subscription, lane)
+);
+COMMENT ON TABLE task_events.subscription_lanes IS
+	'Where each lane of a subscription is in the log, and the batch it has leased';
+COMMENT ON COLUMN task_events.subscription_lanes.window_seq IS
+	'In the open window (events visible in window_end, not in window_start), the events up to this seq are acknowledged';
+COMMENT ON COLUMN task_events.subscription_lanes.window_last_seq IS
+	'The highest seq of the open window: reading stops there';
+COMMENT ON COLUMN task_events.subscription_lanes.attempts IS
+	'Failed attempts at the batch starting at the lane''s position (nack_batch)';
+
+CREATE TABLE task_events.subscription_dead_letters (
+	subscription text NOT NULL REFERENCES task_events.subscriptions ON DELETE CASCADE,
+	seq bigint NOT NULL,
+	lane int NOT NULL,
+	event_id uuid NOT NULL,
+	attempts int NOT NULL,
+	message text,
+	failed_at timestamptz NOT NULL,
+	retry_requested boolean NOT NULL DEFAULT false,
+	PRIMARY KEY (subscription, seq)
+);
+COMMENT ON TABLE task_events.subscription_dead_letters IS
+	'Events a subscription''s consumers failed max_attempts times (nack_batch); retry_dead_letters() offers them again';
+
+CREATE SEQUENCE task_events.subscription_batch_seq AS bigint;
+
+SELECT pg_catalog.pg_extension_config_dump('task_events.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.subscription_lanes', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.subscription_dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('task_events.subscription_batch_seq', '');
+
+/*
+ * The current snapshot with the caller's own transaction listed as in
+ * progress (src/commit_horizon.c, te_window_snapshot): a window's end that
+ * events the caller writes after reading are never counted in.
+ */
+CREATE FUNCTION task_events._window_snapshot() RETURNS pg_catalog.pg_snapshot
+	LANGUAGE C VOLATILE
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'te_window_snapshot_sql';
+COMMENT ON FUNCTION task_events._window_snapshot() IS
+	'Internal: the current snapshot, the caller''s own transaction in progress';
+
+/* Raise 22004 for a NULL subscription name, 22023 for an invalid one. */
+CREATE FUNCTION task_events._check_subscription_name(subscription text)
+	RETURNS void
+	LANGUAGE plpgsql IMMUTABLE
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	IF subscription IS NULL THEN
+		RAISE EXCEPTION 'subscription must not be null'
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF subscription OPERATOR(pg_catalog.!~) '^[a-z][a-z0-9_]{0,62}$' THEN
+		RAISE EXCEPTION 'invalid subscription name "%"', subscription
+			USING ERRCODE = 'invalid_parameter_value',
+				  DETAIL = 'A subscription name is a lower-case letter followed by up to 62 lower-case letters, digits or underscores.';
+	END IF;
+END
+$$;
+
+/* The subscription's row, locked FOR KEY SHARE; 42704 when there is none. */
+CREATE FUNCTION task_events._require_subscription(subscription text)
+	RETURNS task_events.subscriptions
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	s task_events.subscriptions;
+BEGIN
+	PERFORM task_events._check_subscription_name(subscription);
+	SELECT * INTO s FROM task_events.subscriptions x
+	WHERE x.subscription OPERATOR(pg_catalog.=) _require_subscription.subscription
+	FOR KEY SHARE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'subscription "%" does not exist', subscription
+			USING ERRCODE = 'undefined_object';
+	END IF;
+	RETURN s;
+END
+$$;
+
+CREATE FUNCTION task_events.create_subscription(subscription text, event_types text[] DEFAULT NULL,
+	start_at text DEFAULT 'now', lanes int DEFAULT 1)
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	start pg_catalog.pg_snapshot;
+BEGIN
+	PERFORM task_events._check_subscription_name(create_subscription.subscription);
+	IF create_subscription.start_at IS NULL OR create_subscription.lanes IS NULL THEN
+		RAISE EXCEPTION 'start_at and lanes must not be null'
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF create_subscription.start_at OPERATOR(pg_catalog.<>) ALL ('{beginning,now}'::pg_catalog.text[]) THEN
+		RAISE EXCEPTION 'invalid start_at "%"', create_subscription.start_at
+			USING ERRCODE = 'invalid_parameter_value',
+				  DETAIL = 'start_at is ''now'' (events committed after the subscription was created) or ''beginning'' (every event of the log).';
+	END IF;
+	IF create_subscription.lanes OPERATOR(pg_catalog.<) 1 OR create_subscription.lanes OPERATOR(pg_catalog.>) 64 THEN
+		RAISE EXCEPTION 'lanes must be between 1 and 64, not %', create_subscription.lanes
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	PERFORM task_events._check_event_types(create_subscription.event_types);
+
+	BEGIN
+		INSERT INTO task_events.subscriptions (subscription, event_types, lanes)
+		VALUES (create_subscription.subscription, create_subscription.event_types, create_subscription.lanes);
+	EXCEPTION WHEN unique_violation THEN
+		RAISE EXCEPTION 'subscription "%" already exists', create_subscription.subscription
+			USING ERRCODE = 'duplicate_object';
+	END;
+	start := CASE create_subscription.start_at WHEN 'now' THEN task_events._window_snapshot()
+			 ELSE '1:1:'::pg_catalog.pg_snapshot END;
+	INSERT INTO task_events.subscription_lanes (subscription, lane, window_start)
+	SELECT create_subscription.subscription, l, start
+	FROM pg_catalog.generate_series(0, create_subscription.lanes OPERATOR(pg_catalog.-) 1) l;
+	PERFORM task_events._subscriptions_wakeup_handler();
+END
+$$;
+
+CREATE FUNCTION task_events.drop_subscription(subscription text)
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	PERFORM task_events._require_subscription(drop_subscription.subscription);
+	-- A consumer's batch in progress (its read_batch, ack or nack) is waited for.
+	PERFORM FROM task_events.subscription_lanes l
+	WHERE l.subscription OPERATOR(pg_catalog.=) drop_subscription.subscription FOR UPDATE;
+	DELETE FROM task_events.subscriptions s
+	WHERE s.subscription OPERATOR(pg_catalog.=) drop_subscription.subscription;
+	PERFORM task_events._subscriptions_wakeup_handler();
+END
+$$;
+
+/*
+ * Waking consumers.  The built-in handler "subscriptions", run by the
+ * workers like any handler, publishes on the channel
+ * task_events_subscriptions one notification per subscription that a batch
+ * has events for, its name as payload: in every notify_mode, a few
+ * milliseconds after the commit.  It exists while a subscription does.
+ */
+CREATE FUNCTION task_events.subscriptions_handler(events task_events.events[])
+	RETURNS void
+	LANGUAGE sql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	SELECT pg_catalog.pg_notify('task_events_subscriptions', s.subscription)
+	FROM task_events.subscriptions s
+	WHERE s.event_types IS NULL
+	   OR s.event_types OPERATOR(pg_catalog.&&)
+		  (SELECT pg_catalog.array_agg(DISTINCT e.event_type) FROM pg_catalog.unnest(events) e)
+	ORDER BY s.subscription
+$$;
+COMMENT ON FUNCTION task_events.subscriptions_handler(task_events.events[]) IS
+	'The built-in handler that wakes subscriptions'' consumers (channel task_events_subscriptions)';
+
+/* Register the wake-up handler when the first subscription exists, drop it with the last. */
+CREATE FUNCTION task_events._subscriptions_wakeup_handler()
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	IF EXISTS (SELECT FROM task_events.subscriptions) THEN
+		IF NOT EXISTS (SELECT FROM task_events.handlers h
+					   WHERE h.handler OPERATOR(pg_catalog.=) 'subscriptions') THEN
+			INSERT INTO task_events.handlers (handler, function, description)
+			VALUES ('subscriptions', 'task_events.subscriptions_handler(task_events.events[])'::pg_catalog.regprocedure,
+					'Wakes the consumers of subscriptions (channel task_events_subscriptions)');
+			INSERT INTO task_events.handler_state (handler, window_start)
+			VALUES ('subscriptions', task_events._window_snapshot());
+		END IF;
+	ELSE
+		PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('task_events.handler_state'),
+												 pg_catalog.hashtext('subscriptions'));
+		PERFORM FROM task_events.handler_state s
+		WHERE s.handler OPERATOR(pg_catalog.=) 'subscriptions' FOR UPDATE;
+		DELETE FROM task_events.handlers h WHERE h.handler OPERATOR(pg_catalog.=) 'subscriptions';
+	END IF;
+END
+$$;
+
+/*
+ * The lane of an event: by its task, so that a task's events stay in order.
+ * Without SET search_path, like _unhandled_events, so that it is inlined
+ * into the queries that call it once per event; every name is qualified.
+ */
+CREATE FUNCTION task_events._lane_of(aggregate_id uuid, lanes int)
+	RETURNS int
+	LANGUAGE sql IMMUTABLE PARALLEL SAFE
+	AS $$
+	SELECT (((pg_catalog.uuid_hash($1)::bigint OPERATOR(pg_catalog.%) $2)
+			 OPERATOR(pg_catalog.+) $2) OPERATOR(pg_catalog.%) $2)::int
+$$;
+
+/* Backoff before the next attempt after n failed ones (as dead_letters.c). */
+CREATE FUNCTION task_events._retry_time(attempts int)
+	RETURNS timestamptz
+	LANGUAGE sql VOLATILE
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	SELECT pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)
+		   LEAST(COALESCE(pg_catalog.current_setting('task_events.retry_delay', true), '100ms')::pg_catalog.interval
+				 OPERATOR(pg_catalog.*) pg_catalog.power(2, LEAST(GREATEST($1, 1) OPERATOR(pg_catalog.-) 1, 30)),
+				 '10 minutes'::pg_catalog.interval)
+$$;
+
+/*
+ * read_batch: the next events of one free lane, leased to the caller.  A
+ * lane is free when it has no lease (or an expired one) and no retry is
+ * pending; the free lanes are tried one at a time, and the first that has
+ * events is leased.  A lane found empty on the way stays locked until the
+ * caller's transaction ends (its window was moved on): another consumer
+ * skips it meanwhile.  Its dead letters queued by retry_dead_letters() go first, as a
+ * batch of their own.  Otherwise the lane reads its open window from its
+ * position, in seq order along events_pkey, up to the window's last seq; an
+ * exhausted window is closed and the next one opened at the current
+ * snapshot (_window_snapshot), so a transaction that commits late falls into
+ * a later window, never skipped.
+ */
+CREATE FUNCTION task_events.read_batch(subscription text, max_events int DEFAULT 1000,
+	lease interval DEFAULT '30 seconds')
+	RETURNS TABLE (batch_id bigint, lane int, seq bigint, event_id uuid, event_type text,
+				   event_version int, aggregate_id uuid, aggregate_version bigint,
+				   occurred_at timestamptz, user_id text, payload jsonb)
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	sub task_events.subscriptions;
+	l task_events.subscription_lanes;
+	batch task_events.events[];
+	retries boolean := false;
+	bounds record;
+	attempt int;
+	new_batch bigint;
+	tried int[] := '{}';
+BEGIN
+	IF max_events IS NULL OR lease IS NULL THEN
+		RAISE EXCEPTION 'max_events and lease must not be null'
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF max_events OPERATOR(pg_catalog.<) 1 OR max_events OPERATOR(pg_catalog.>) 100000 THEN
+		RAISE EXCEPTION 'max_events must be between 1 and 100000, not %', max_events
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF lease OPERATOR(pg_catalog.<=) '0'::pg_catalog.interval THEN
+		RAISE EXCEPTION 'lease must be positive, not %', lease
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	sub := task_events._require_subscription(read_batch.subscription);
+
+	-- The free lanes, one at a time (each is locked when taken): those with
+	-- an open window (events left) first, then the least recently served.
+	LOOP
+		SELECT * INTO l FROM task_events.subscription_lanes x
+		WHERE x.subscription OPERATOR(pg_catalog.=) sub.subscription
+		  AND x.lane OPERATOR(pg_catalog.<>) ALL (tried)
+		  AND (x.leased_until IS NULL OR x.leased_until OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp())
+		  AND (x.retry_at IS NULL OR x.retry_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp())
+		ORDER BY x.window_end IS NULL, x.served_at NULLS FIRST, x.lane
+		LIMIT 1
+		FOR UPDATE SKIP LOCKED;
+		EXIT WHEN NOT FOUND;
+		tried := tried OPERATOR(pg_catalog.||) l.lane;
+
+		-- Dead letters queued for another attempt.
+		SELECT pg_catalog.array_agg(e ORDER BY e.seq) INTO batch
+		FROM (SELECT e.* FROM task_events.subscription_dead_letters d
+			  JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq
+			  WHERE d.subscription OPERATOR(pg_catalog.=) sub.subscription
+				AND d.lane OPERATOR(pg_catalog.=) l.lane AND d.retry_requested
+			  ORDER BY d.seq LIMIT max_events) e;
+		retries := batch IS NOT NULL;
+
+		FOR attempt IN 1..2 LOOP
+			EXIT WHEN batch IS NOT NULL;
+			IF l.window_end IS NULL THEN
+				l.window_end := task_events._window_snapshot();
+				SELECT pg_catalog.min(w.seq) AS first, pg_catalog.max(w.seq) AS last INTO bounds
+				FROM task_events._unhandled_events(l.window_start, NULL, 0) w
+				WHERE pg_catalog.pg_visible_in_snapshot(w.xact_id, l.window_end);
+				l.window_seq := COALESCE(bounds.first OPERATOR(pg_catalog.-) 1, 0);
+				l.window_last_seq := COALESCE(bounds.last, 0);
+			END IF;
+			SELECT pg_catalog.array_agg(e ORDER BY e.seq) INTO batch
+			FROM (SELECT e.* FROM task_events.events e
+				  WHERE e.seq OPERATOR(pg_catalog.>) l.window_seq
+					AND e.seq OPERATOR(pg_catalog.<=) l.window_last_seq
+					AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_start)
+					AND pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_end)
+					AND (sub.event_types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (sub.event_types))
+					AND task_events._lane_of(e.aggregate_id, sub.lanes) OPERATOR(pg_catalog.=) l.lane
+				  ORDER BY e.seq LIMIT max_events) e;
+			IF batch IS NULL THEN
+				-- The window holds nothing more for this lane: close it.
+				l.window_start := l.window_end;
+				l.window_end := NULL;
+				l.window_seq := 0;
+				l.window_last_seq := 0;
+			END IF;
+		END LOOP;
+
+		IF batch IS NULL THEN
+			UPDATE task_events.subscription_lanes x
+			SET window_start = l.window_start, window_end = l.window_end,
+				window_seq = l.window_seq, window_last_seq = l.window_last_seq
+			WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+			CONTINUE;
+		END IF;
+
+		new_batch := pg_catalog.nextval('task_events.subscription_batch_seq');
+		UPDATE task_events.subscription_lanes x
+		SET window_start = l.window_start, window_end = l.window_end,
+			window_seq = l.window_seq, window_last_seq = l.window_last_seq,
+			batch_id = new_batch, batch_retries = retries,
+			batch_first_seq = batch[1].seq,
+			batch_last_seq = batch[pg_catalog.cardinality(batch)].seq,
+			batch_size = pg_catalog.cardinality(batch),
+			leased_until = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) lease,
+			served_at = pg_catalog.clock_timestamp()
+		WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+
+		RETURN QUERY
+		SELECT new_batch, l.lane, e.seq, e.event_id, e.event_type, e.event_version, e.aggregate_id,
+			   e.aggregate_version, e.occurred_at, e.user_id, e.payload
+		FROM pg_catalog.unnest(batch) e;
+		RETURN;
+	END LOOP;
+END
+$$;
+
+/* The lane holding batch batch_id of the subscription, locked; 55000 when none. */
+CREATE FUNCTION task_events._leased_lane(subscription text, batch_id bigint)
+	RETURNS task_events.subscription_lanes
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	l task_events.subscription_lanes;
+BEGIN
+	PERFORM task_events._require_subscription(_leased_lane.subscription);
+	IF _leased_lane.batch_id IS NULL THEN
+		RAISE EXCEPTION 'batch_id must not be null'
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	SELECT * INTO l FROM task_events.subscription_lanes x
+	WHERE x.subscription OPERATOR(pg_catalog.=) _leased_lane.subscription
+	  AND x.batch_id OPERATOR(pg_catalog.=) _leased_lane.batch_id
+	FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'batch % of subscription "%" is not leased', _leased_lane.batch_id, _leased_lane.subscription
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  DETAIL = 'It was acknowledged or nacked already, or its lease expired and the lane was read again, or it never existed.';
+	END IF;
+	RETURN l;
+END
+$$;
+
+/* The seqs of the events lane l has leased, in order. */
+CREATE FUNCTION task_events._batch_seqs(l task_events.subscription_lanes)
+	RETURNS SETOF bigint
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	SELECT d.seq FROM task_events.subscription_dead_letters d
+	WHERE l.batch_retries
+	  AND d.subscription OPERATOR(pg_catalog.=) l.subscription AND d.lane OPERATOR(pg_catalog.=) l.lane
+	  AND d.retry_requested
+	  AND d.seq OPERATOR(pg_catalog.>=) l.batch_first_seq AND d.seq OPERATOR(pg_catalog.<=) l.batch_last_seq
+	UNION ALL
+	SELECT e.seq FROM task_events.events e, task_events.subscriptions s
+	WHERE NOT l.batch_retries
+	  AND s.subscription OPERATOR(pg_catalog.=) l.subscription
+	  AND e.seq OPERATOR(pg_catalog.>=) l.batch_first_seq AND e.seq OPERATOR(pg_catalog.<=) l.batch_last_seq
+	  AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_start)
+	  AND pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_end)
+	  AND (s.event_types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (s.event_types))
+	  AND task_events._lane_of(e.aggregate_id, s.lanes) OPERATOR(pg_catalog.=) l.lane
+	ORDER BY 1
+$$;
+
+/*
+ * Acknowledge the events of lane l's batch up to seq upto (NULL: none),
+ * acked of them, and end the lease.  The lane's position moves past them;
+ * retried dead letters are deleted instead.
+ */
+CREATE FUNCTION task_events._acknowledge(l task_events.subscription_lanes, upto bigint, acked bigint)
+	RETURNS void
+	LANGUAGE sql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	DELETE FROM task_events.subscription_dead_letters d
+	WHERE l.batch_retries AND upto IS NOT NULL
+	  AND d.subscription OPERATOR(pg_catalog.=) l.subscription AND d.lane OPERATOR(pg_catalog.=) l.lane
+	  AND d.retry_requested
+	  AND d.seq OPERATOR(pg_catalog.>=) l.batch_first_seq AND d.seq OPERATOR(pg_catalog.<=) upto;
+	UPDATE task_events.subscription_lanes x
+	SET window_seq = CASE WHEN upto IS NOT NULL AND NOT l.batch_retries THEN upto ELSE x.window_seq END,
+		last_seq = CASE WHEN upto IS NOT NULL AND NOT l.batch_retries THEN GREATEST(x.last_seq, upto)
+					ELSE x.last_seq END,
+		acknowledged = x.acknowledged OPERATOR(pg_catalog.+) acked,
+		batch_id = NULL, batch_first_seq = NULL, batch_last_seq = NULL, batch_size = NULL,
+		batch_retries = false, leased_until = NULL
+	WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+$$;
+
+/*
+ * ack_batch: the batch's events are done.  Called in the transaction of the
+ * consumer's own writes in this database, exactly once; outside, at least
+ * once (event_id is the idempotency key).  55000 when the batch is not
+ * leased.
+ */
+CREATE FUNCTION task_events.ack_batch(subscription text, batch_id bigint)
+	RETURNS bigint
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	l task_events.subscription_lanes := task_events._leased_lane(ack_batch.subscription, ack_batch.batch_id);
+BEGIN
+	PERFORM task_events._acknowledge(l, l.batch_last_seq, l.batch_size);
+	UPDATE task_events.subscription_lanes x SET attempts = 0, retry_at = NULL
+	WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane
+	  AND NOT l.batch_retries;
+	RETURN l.batch_size;
+END
+$$;
+
+/*
+ * nack_batch: the consumer failed.  With failed_event_id, the events before
+ * it are acknowledged and the attempt is that event's; without, the whole
+ * batch's.  The lane is offered again after the backoff (retry_delay,
+ * doubling); after max_attempts the event (or the whole batch) goes to
+ * subscription_dead_letters and the lane moves past it.  A failed retry of
+ * dead letters puts them back, counting the attempt.
+ */
+CREATE FUNCTION task_events.nack_batch(subscription text, batch_id bigint,
+	failed_event_id uuid DEFAULT NULL, error text DEFAULT NULL)
+	RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	l task_events.subscription_lanes := task_events._leased_lane(nack_batch.subscription, nack_batch.batch_id);
+	failed_seq bigint;
+	before bigint;
+	max_attempts int := COALESCE(pg_catalog.current_setting('task_events.max_attempts', true), '5')::int;
+	new_attempts int;
+BEGIN
+	IF failed_event_id IS NOT NULL THEN
+		SELECT e.seq INTO failed_seq FROM task_events.events e
+		WHERE e.event_id OPERATOR(pg_catalog.=) nack_batch.failed_event_id
+		  AND e.seq OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT task_events._batch_seqs(l)));
+		IF failed_seq IS NULL THEN
+			RAISE EXCEPTION 'event % is not in batch % of subscription "%"',
+				failed_event_id, nack_batch.batch_id, nack_batch.subscription
+				USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+	END IF;
+
+	IF l.batch_retries THEN
+		-- Retried dead letters: those before the failed one are done, the
+		-- failed one (or all) go back, one more attempt counted.
+		IF failed_seq IS NOT NULL THEN
+			SELECT pg_catalog.count(*) INTO before FROM task_events._batch_seqs(l) s
+			WHERE s OPERATOR(pg_catalog.<) failed_seq;
+			PERFORM task_events._acknowledge(l, failed_seq OPERATOR(pg_catalog.-) 1, before);
+		ELSE
+			PERFORM task_events._acknowledge(l, NULL, 0);
+		END IF;
+		UPDATE task_events.subscription_dead_letters d
+		SET retry_requested = false, attempts = d.attempts OPERATOR(pg_catalog.+) 1,
+			message = nack_batch.error, failed_at = pg_catalog.clock_timestamp()
+		WHERE d.subscription OPERATOR(pg_catalog.=) l.subscription AND d.lane OPERATOR(pg_catalog.=) l.lane
+		  AND d.retry_requested
+		  AND d.seq OPERATOR(pg_catalog.>=) COALESCE(failed_seq, l.batch_first_seq)
+		  AND d.seq OPERATOR(pg_catalog.<=) CASE WHEN failed_seq IS NULL THEN l.batch_last_seq ELSE failed_seq END;
+		UPDATE task_events.subscription_lanes x
+		SET failed = x.failed OPERATOR(pg_catalog.+) 1, last_error = nack_batch.error,
+			last_error_at = pg_catalog.clock_timestamp()
+		WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+		RETURN;
+	END IF;
+
+	-- The events before the failed one are done: the lane's next batch
+	-- starts at the failed event, and the attempts count starts there.
+	IF failed_seq IS NOT NULL AND failed_seq OPERATOR(pg_catalog.>) l.batch_first_seq THEN
+		SELECT pg_catalog.count(*) INTO before FROM task_events._batch_seqs(l) s
+		WHERE s OPERATOR(pg_catalog.<) failed_seq;
+		PERFORM task_events._acknowledge(l, failed_seq OPERATOR(pg_catalog.-) 1, before);
+		new_attempts := 1;
+	ELSE
+		PERFORM task_events._acknowledge(l, NULL, 0);
+		new_attempts := l.attempts OPERATOR(pg_catalog.+) 1;
+	END IF;
+
+	IF new_attempts OPERATOR(pg_catalog.>=) max_attempts THEN
+		-- Out of attempts: dead letters, and the lane moves past them.
+		INSERT INTO task_events.subscription_dead_letters
+			(subscription, seq, lane, event_id, attempts, message, failed_at)
+		SELECT l.subscription, e.seq, l.lane, e.event_id, new_attempts, nack_batch.error, pg_catalog.clock_timestamp()
+		FROM task_events.events e
+		WHERE e.seq OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT task_events._batch_seqs(l)))
+		  AND e.seq OPERATOR(pg_catalog.>=) COALESCE(failed_seq, l.batch_first_seq)
+		  AND e.seq OPERATOR(pg_catalog.<=) COALESCE(failed_seq, l.batch_last_seq)
+		ON CONFLICT DO NOTHING;
+		UPDATE task_events.subscription_lanes x
+		SET window_seq = COALESCE(failed_seq, l.batch_last_seq),
+			last_seq = GREATEST(x.last_seq, COALESCE(failed_seq, l.batch_last_seq)),
+			attempts = 0, retry_at = NULL
+		WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+	ELSE
+		UPDATE task_events.subscription_lanes x
+		SET attempts = new_attempts, retry_at = task_events._retry_time(new_attempts)
+		WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+	END IF;
+	UPDATE task_events.subscription_lanes x
+	SET failed = x.failed OPERATOR(pg_catalog.+) 1, last_error = nack_batch.error,
+		last_error_at = pg_catalog.clock_timestamp()
+	WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+END
+$$;
+
+/*
+ * Monitoring: one row per subscription lane.  events_behind counts the
+ * events of the lane (its tasks, the subscription's types) not yet
+ * acknowledged, the leased batch included.
+ */
+/*
+ * How many events of a lane are not acknowledged yet, and since when: the
+ * twin of handler_backlog (SECURITY DEFINER, for the same reason: the view's
+ * readers may not read the log).
+ */
+CREATE FUNCTION task_events.subscription_backlog(subscription text, lane int,
+	OUT events_behind bigint, OUT oldest_unhandled timestamptz)
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	SELECT pg_catalog.count(*), pg_catalog.min(w.occurred_at)
+	FROM task_events.subscription_lanes l
+	JOIN task_events.subscriptions s ON s.subscription OPERATOR(pg_catalog.=) l.subscription
+	CROSS JOIN LATERAL task_events._unhandled_events(l.window_start, l.window_end, l.window_seq) w
+	WHERE l.subscription OPERATOR(pg_catalog.=) $1 AND l.lane OPERATOR(pg_catalog.=) $2
+	  AND (s.event_types IS NULL OR w.event_type OPERATOR(pg_catalog.=) ANY (s.event_types))
+	  AND task_events._lane_of(w.aggregate_id, s.lanes) OPERATOR(pg_catalog.=) l.lane
+	$$ LANGUAGE sql STABLE;
+COMMENT ON FUNCTION task_events.subscription_backlog(text, int) IS
+	'Events of a subscription lane not yet acknowledged, and the oldest one''s time';
+
+CREATE VIEW task_events.subscription_status AS
+SELECT l.subscription,
+	   l.lane,
+	   l.last_seq AS position,
+	   b.events_behind,
+	   COALESCE(pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) b.oldest_unhandled), 0)
+		   AS seconds_behind,
+	   l.batch_id,
+	   l.batch_size,
+	   l.leased_until,
+	   l.acknowledged,
+	   l.failed,
+	   (SELECT pg_catalog.count(*) FROM task_events.subscription_dead_letters d
+		WHERE d.subscription OPERATOR(pg_catalog.=) l.subscription
+		  AND d.lane OPERATOR(pg_catalog.=) l.lane) AS dead_letters,
+	   l.attempts AS retry_attempts,
+	   l.retry_at,
+	   l.last_error,
+	   l.last_error_at
+FROM task_events.subscription_lanes l
+CROSS JOIN LATERAL task_events.subscription_backlog(l.subscription, l.lane) AS b;
+COMMENT ON VIEW task_events.subscription_status IS
+	'Per subscription lane: position, lag, the leased batch, acknowledged, failed and dead-lettered counts, the last error';
+
+/*
+ * retry_dead_letters() works for subscriptions too: the 1.0 function (C,
+ * handlers' dead letters) keeps its code under an internal name.
+ */
+ALTER FUNCTION task_events.retry_dead_letters(text) RENAME TO _retry_handler_dead_letters;
+COMMENT ON FUNCTION task_events._retry_handler_dead_letters(text) IS
+	'Internal: queues handlers'' dead letters for one more attempt (retry_dead_letters)';
+CREATE FUNCTION task_events.retry_dead_letters(handler text DEFAULT NULL)
+	RETURNS bigint
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	queued bigint := 0;
+BEGIN
+	IF handler IS NULL OR NOT EXISTS (SELECT FROM task_events.subscriptions s
+									  WHERE s.subscription OPERATOR(pg_catalog.=) retry_dead_letters.handler) THEN
+		queued := task_events._retry_handler_dead_letters(handler);
+	END IF;
+	IF handler IS NULL OR EXISTS (SELECT FROM task_events.subscriptions s
+								  WHERE s.subscription OPERATOR(pg_catalog.=) retry_dead_letters.handler) THEN
+		UPDATE task_events.subscription_dead_letters d SET retry_requested = true
+		WHERE (handler IS NULL OR d.subscription OPERATOR(pg_catalog.=) retry_dead_letters.handler)
+		  AND NOT d.retry_requested;
+		queued := queued OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM task_events.subscription_dead_letters d
+				  WHERE (handler IS NULL OR d.subscription OPERATOR(pg_catalog.=) retry_dead_letters.handler)
+					AND d.retry_requested);
+	END IF;
+	RETURN queued;
+END
+$$;
+COMMENT ON FUNCTION task_events.retry_dead_letters(text) IS
+	'Queues the dead letters of a handler or a subscription (NULL: all) for one more attempt; returns how many';
+
+/*
+ * Every position in the log, named: the handlers' (by handler) and the
+ * subscription lanes' ('subscription:<name>:<lane>'), for adopt_restored_log.
+ */
+CREATE FUNCTION task_events._positions(OUT name text, OUT window_start pg_catalog.pg_snapshot,
+	OUT window_end pg_catalog.pg_snapshot, OUT window_seq bigint)
+	RETURNS SETOF record
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	SELECT s.handler, s.window_start, s.window_end, s.window_seq FROM task_events.handler_state s
+	UNION ALL
+	SELECT 'subscription:' OPERATOR(pg_catalog.||) l.subscription OPERATOR(pg_catalog.||) ':'
+		   OPERATOR(pg_catalog.||) l.lane, l.window_start, l.window_end, l.window_seq
+	FROM task_events.subscription_lanes l
+$$;
+COMMENT ON FUNCTION task_events._positions() IS
+	'Internal: every handler''s and subscription lane''s position (adopt_restored_log)';
+
+/*
+ * The start snapshot of position name once adopt_restored_log has rewritten
+ * the event ids (te_pattern: one id per set of positions that had not
+ * handled an event): every id whose set names it is in progress.
+ */
+CREATE FUNCTION task_events._adopted_snapshot(name text, top_xid bigint)
+	RETURNS pg_catalog.pg_snapshot
+	LANGUAGE plpgsql STABLE
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	-- plpgsql: te_pattern exists only while adopt_restored_log runs.
+	RETURN pg_catalog.format('3:%s:%s', top_xid OPERATOR(pg_catalog.+) 1,
+			COALESCE((SELECT pg_catalog.string_agg(t.xid::pg_catalog.text, ',' ORDER BY t.xid)
+					  FROM pg_temp.te_pattern t
+					  WHERE _adopted_snapshot.name OPERATOR(pg_catalog.=) ANY (t.pending)), ''))::pg_catalog.pg_snapshot;
+END
+$$;
+COMMENT ON FUNCTION task_events._adopted_snapshot(text, bigint) IS
+	'Internal: a position''s start snapshot after adopt_restored_log rewrote the ids';
+
+REVOKE ALL ON FUNCTION task_events._positions(), task_events._adopted_snapshot(text, bigint) FROM PUBLIC;
+
+/*
+ * Privileges.  task_events_consumer reads, acknowledges and nacks batches
+ * and watches subscription_status; creating and dropping subscriptions is
+ * for superusers and the extension's owner.
+ */
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'task_events_consumer') THEN
+		BEGIN
+			CREATE ROLE task_events_consumer NOLOGIN;
+		EXCEPTION WHEN duplicate_object OR unique_violation THEN
+			NULL;			/* created meanwhile, for another database */
+		END;
+	END IF;
+END
+$$;
+REVOKE ALL ON TABLE task_events.subscriptions, task_events.subscription_lanes,
+	task_events.subscription_dead_letters, task_events.subscription_status FROM PUBLIC;
+REVOKE ALL ON SEQUENCE task_events.subscription_batch_seq FROM PUBLIC;
+REVOKE ALL ON FUNCTION
+	task_events._window_snapshot(),
+	task_events._check_subscription_name(text),
+	task_events._require_subscription(text),
+	task_events.create_subscription(text, text[], text, int),
+	task_events.drop_subscription(text),
+	task_events.subscriptions_handler(task_events.events[]),
+	task_events._subscriptions_wakeup_handler(),
+	task_events._lane_of(uuid, int),
+	task_events._retry_time(int),
+	task_events.read_batch(text, int, interval),
+	task_events._leased_lane(text, bigint),
+	task_events._batch_seqs(task_events.subscription_lanes),
+	task_events._acknowledge(task_events.subscription_lanes, bigint, bigint),
+	task_events.ack_batch(text, bigint),
+	task_events.nack_batch(text, bigint, uuid, text),
+	task_events.retry_dead_letters(text)
+	FROM PUBLIC;
+GRANT USAGE ON SCHEMA task_events TO task_events_consumer;
+GRANT EXECUTE ON FUNCTION
+	task_events.read_batch(text, int, interval),
+	task_events.ack_batch(text, bigint),
+	task_events.nack_batch(text, bigint, uuid, text)
+	TO task_events_consumer;
+GRANT SELECT ON task_events.subscription_status TO task_events_consumer, task_events_reader;
+REVOKE ALL ON FUNCTION task_events.subscription_backlog(text, int) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION task_events.subscription_backlog(text, int)
+	TO task_events_consumer, task_events_reader;
+
+COMMENT ON FUNCTION task_events.create_subscription(text, text[], text, int) IS
+	'Creates a subscription: a durable consumer position per lane, from now or from the beginning of the log';
+COMMENT ON FUNCTION task_events.drop_subscription(text) IS
+	'Drops a subscription with its positions and dead letters';
+COMMENT ON FUNCTION task_events.read_batch(text, int, interval) IS
+	'Leases the next events of a free lane of the subscription; empty when nothing is ready';
+COMMENT ON FUNCTION task_events.ack_batch(text, bigint) IS
+	'Acknowledges a leased batch: the lane moves past it; returns how many events';
+COMMENT ON FUNCTION task_events.nack_batch(text, bigint, uuid, text) IS
+	'Reports a failed batch (or the event that failed in it): retried after a backoff, dead-lettered after max_attempts';
+COMMENT ON FUNCTION task_events._check_subscription_name(text) IS 'Internal: validates a subscription name';
+COMMENT ON FUNCTION task_events._require_subscription(text) IS 'Internal: the subscription''s row, or 42704';
+COMMENT ON FUNCTION task_events._subscriptions_wakeup_handler() IS 'Internal: registers or removes the subscriptions handler';
+COMMENT ON FUNCTION task_events._lane_of(uuid, int) IS 'Internal: the lane of a task''s events';
+COMMENT ON FUNCTION task_events._retry_time(int) IS 'Internal: when the next attempt is due after n failures';
+COMMENT ON FUNCTION task_events._leased_lane(text, bigint) IS 'Internal: the lane holding a leased batch, or 55000';
+COMMENT ON FUNCTION task_events._batch_seqs(task_events.subscription_lanes) IS 'Internal: the seqs of a lane''s leased batch';
+COMMENT ON FUNCTION task_events._acknowledge(task_events.subscription_lanes, bigint, bigint) IS 'Internal: moves a lane past acknowledged events';

@@ -19,6 +19,7 @@ PACKAGES=(
 	"postgresql-$PG_MAJOR-pgtap"          # the pgtap extension
 	libtap-parser-sourcehandler-pgtap-perl # pg_prove
 	libipc-run-perl                       # needed by PostgreSQL::Test::Cluster
+	python3-psycopg                       # the subscription consumer of test/t/027 (a real client)
 	uuid-dev                              # -luuid
 )
 

@@ -37,6 +37,8 @@ fi
 
 bash "$ROOT/scripts/install-deps.sh"
 
+# The throwaway servers (pgTAP) run the same binaries as the other suites.
+PG_TEMP_BIN=${PG_TEMP_BIN:-$PG_BIN}
 # shellcheck source=scripts/pg-temp.sh
 . "$ROOT/scripts/pg-temp.sh"
 

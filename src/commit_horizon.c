@@ -162,3 +162,15 @@ te_close_window(EventWindow *window)
 	window->end = (Datum) 0;
 	window->seq = 0;
 }
+
+PG_FUNCTION_INFO_V1(te_window_snapshot_sql);
+
+/*
+ * task_events._window_snapshot(): te_window_snapshot for the subscriptions'
+ * SQL (task_events--1.0--1.1.sql, read_batch).
+ */
+Datum
+te_window_snapshot_sql(PG_FUNCTION_ARGS)
+{
+	return te_window_snapshot();
+}

@@ -19,6 +19,11 @@
 #   in a cluster whose counter is behind the source's (ids rewritten) or
 #   ahead of it (ids kept), handling resumes exactly: each handler handles
 #   its backlog and the new events, and nothing twice.
+# - Subscriptions (issue 11): their rows, lanes' positions and leases are in
+#   the dump; after the restore, and after adoption in another cluster, the
+#   subscription delivers the events it had not acknowledged (the batch left
+#   leased again, once its lease expires) and the new ones: every event
+#   acknowledged exactly once in all.
 use strict;
 use warnings FATAL => 'all';
 
@@ -39,9 +44,11 @@ my $CONF = "task_events.database = 'postgres'\n"
   . "task_events.max_attempts = 2\n"
   . "task_events.retry_delay = 10ms";
 
-# The tables a backup must carry, each as sorted text.
+# The tables a backup must carry, each as sorted text (subscriptions, their
+# positions and leases included).
 my @TABLES = qw(tasks events audit_log notifications analytics_counters
-  completion_stats handler_state dead_letters);
+  completion_stats handler_state dead_letters subscriptions subscription_lanes
+  subscription_dead_letters);
 
 sub table_text
 {
@@ -130,6 +137,26 @@ sub next_xid
 	return $node->safe_psql('postgres', 'SELECT pg_snapshot_xmax(pg_current_snapshot())');
 }
 
+# Read and acknowledge every batch of the subscription backup_sub in
+# database db, once the lease the source left has expired; returns
+# "acknowledged in all, events behind in all" from subscription_status.
+sub drain_subscription
+{
+	my ($node, $db) = @_;
+	$node->poll_query_until($db,
+		q{SELECT count(*) = 0 FROM task_events.subscription_lanes WHERE leased_until > clock_timestamp()})
+	  or die 'the lease did not expire';
+	while (1)
+	{
+		my $batch = $node->safe_psql($db,
+			q{SELECT batch_id FROM task_events.read_batch('backup_sub', 7) LIMIT 1});
+		last if $batch eq '';
+		$node->safe_psql($db, "SELECT task_events.ack_batch('backup_sub', $batch)");
+	}
+	return $node->safe_psql($db,
+		q{SELECT sum(acknowledged) || ' ' || sum(events_behind) FROM task_events.subscription_status});
+}
+
 # pg_restore file into the new database db of node, re-registering the
 # handler poison between the sections; dies on any error.
 my $REGISTER_POISON = q{INSERT INTO task_events.handlers (handler, function)
@@ -169,6 +196,16 @@ $src->safe_psql('postgres', q{SELECT task_events.create_task('mallory', 'poison 
 $src->poll_query_until('postgres',
 	q{SELECT dead_letters = 1 AND events_behind = 0 FROM task_events.handler_status WHERE handler = 'poison'})
   or die 'no dead letter';
+wait_caught_up($src);
+
+# A subscription with a batch acknowledged and one left leased (its lease
+# expires soon after the dump): positions and leases are dumped.
+$src->safe_psql(
+	'postgres', q{
+SELECT task_events.create_subscription('backup_sub', start_at => 'beginning', lanes => 2);
+SELECT task_events.ack_batch('backup_sub', (SELECT batch_id FROM task_events.read_batch('backup_sub', 5) LIMIT 1));
+SELECT FROM task_events.read_batch('backup_sub', 5, '2 seconds');
+});
 wait_caught_up($src);
 
 # A backlog: analytics disabled, events written.
@@ -226,6 +263,9 @@ is_deeply(
 	'same cluster: each handler handled exactly its backlog and the new events');
 is($src->safe_psql('restored', q{SELECT count(*) FROM task_events.dead_letters WHERE handler = 'poison'}),
 	1, 'same cluster: the dead letter is still there, not retried');
+is(drain_subscription($src, 'restored'),
+	$src->safe_psql('restored', 'SELECT count(*) FROM task_events.events') . ' 0',
+	'same cluster: the subscription delivers the rest, the leased batch again, each event acknowledged once');
 
 ###
 ### Into another cluster whose transaction counter is behind the source's:
@@ -264,6 +304,9 @@ is( $dst->safe_psql(
 		'behind', q{SELECT count(*) FROM task_events.events e
 		WHERE NOT EXISTS (SELECT FROM task_events.audit_log a WHERE a.event_id = e.event_id)}),
 	0, 'cluster behind, adopted: every event is audited');
+is(drain_subscription($dst, 'behind'),
+	$dst->safe_psql('behind', 'SELECT count(*) FROM task_events.events') . ' 0',
+	'cluster behind, adopted: the subscription delivers the rest, each event acknowledged once');
 
 ###
 ### Into another cluster whose transaction counter is ahead of the source's,
@@ -290,6 +333,9 @@ is_deeply(
 	{ map { $_ => $now->{$_} - $src_processed->{$_} } keys %$now },
 	called_after($dst, 'ahead', $src_max_seq, analytics => $before_backlog),
 	'cluster ahead: each handler handled exactly its backlog and the new events');
+is(drain_subscription($dst, 'ahead'),
+	$dst->safe_psql('ahead', 'SELECT count(*) FROM task_events.events') . ' 0',
+	'cluster ahead: the subscription delivers the rest, each event acknowledged once');
 
 $dst->stop;
 $src->stop;
