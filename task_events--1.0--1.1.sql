@@ -794,13 +794,12 @@ $$;
  * snapshot (_window_snapshot), so a transaction that commits late falls into
  * a later window, never skipped.
  */
-CREATE FUNCTION task_events.read_batch(subscription text, max_events int DEFAULT 1000,
-	lease interval DEFAULT '30 seconds')
+CREATE FUNCTION task_events._read_batch(subscription text, only_lane int, max_events int,
+	lease interval)
 	RETURNS TABLE (batch_id bigint, lane int, seq bigint, event_id uuid, event_type text,
 				   event_version int, aggregate_id uuid, aggregate_version bigint,
 				   occurred_at timestamptz, user_id text, payload jsonb)
 	LANGUAGE plpgsql
-	SECURITY DEFINER
 	SET search_path = pg_catalog, pg_temp
 	AS $$
 DECLARE
@@ -825,7 +824,12 @@ BEGIN
 		RAISE EXCEPTION 'lease must be positive, not %', lease
 			USING ERRCODE = 'invalid_parameter_value';
 	END IF;
-	sub := task_events._require_subscription(read_batch.subscription);
+	sub := task_events._require_subscription(_read_batch.subscription);
+	IF only_lane IS NOT NULL AND (only_lane OPERATOR(pg_catalog.<) 0 OR only_lane OPERATOR(pg_catalog.>=) sub.lanes) THEN
+		RAISE EXCEPTION 'subscription "%" has no lane %', sub.subscription, only_lane
+			USING ERRCODE = 'invalid_parameter_value',
+				  DETAIL = pg_catalog.format('Its lanes are 0 to %s.', sub.lanes OPERATOR(pg_catalog.-) 1);
+	END IF;
 
 	-- The free lanes, one at a time (each is locked when taken): those with
 	-- an open window (events left) first, then the least recently served.
@@ -833,6 +837,7 @@ BEGIN
 		SELECT * INTO l FROM task_events.subscription_lanes x
 		WHERE x.subscription OPERATOR(pg_catalog.=) sub.subscription
 		  AND x.lane OPERATOR(pg_catalog.<>) ALL (tried)
+		  AND (only_lane IS NULL OR x.lane OPERATOR(pg_catalog.=) only_lane)
 		  AND (x.leased_until IS NULL OR x.leased_until OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp())
 		  AND (x.retry_at IS NULL OR x.retry_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp())
 		ORDER BY x.window_end IS NULL, x.served_at NULLS FIRST, x.lane
@@ -904,6 +909,42 @@ BEGIN
 		FROM pg_catalog.unnest(batch) e;
 		RETURN;
 	END LOOP;
+END
+$$;
+
+CREATE FUNCTION task_events.read_batch(subscription text, max_events int DEFAULT 1000,
+	lease interval DEFAULT '30 seconds')
+	RETURNS TABLE (batch_id bigint, lane int, seq bigint, event_id uuid, event_type text,
+				   event_version int, aggregate_id uuid, aggregate_version bigint,
+				   occurred_at timestamptz, user_id text, payload jsonb)
+	LANGUAGE sql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	SELECT * FROM task_events._read_batch($1, NULL, $2, $3)
+$$;
+
+/*
+ * read_lane: read_batch for one lane only, for a consumer that owns a lane
+ * (task_events_consume --lane).  22023 for a lane the subscription does not
+ * have, 22004 for a NULL one.
+ */
+CREATE FUNCTION task_events.read_lane(subscription text, from_lane int, max_events int DEFAULT 1000,
+	lease interval DEFAULT '30 seconds')
+	RETURNS TABLE (batch_id bigint, lane int, seq bigint, event_id uuid, event_type text,
+				   event_version int, aggregate_id uuid, aggregate_version bigint,
+				   occurred_at timestamptz, user_id text, payload jsonb)
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	IF read_lane.from_lane IS NULL THEN
+		RAISE EXCEPTION 'from_lane must not be null'
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	RETURN QUERY SELECT * FROM task_events._read_batch(read_lane.subscription, read_lane.from_lane,
+													   read_lane.max_events, read_lane.lease);
 END
 $$;
 
@@ -1256,7 +1297,9 @@ REVOKE ALL ON FUNCTION
 	task_events._subscriptions_wakeup_handler(),
 	task_events._lane_of(uuid, int),
 	task_events._retry_time(int),
+	task_events._read_batch(text, int, int, interval),
 	task_events.read_batch(text, int, interval),
+	task_events.read_lane(text, int, int, interval),
 	task_events._leased_lane(text, bigint),
 	task_events._batch_seqs(task_events.subscription_lanes),
 	task_events._acknowledge(task_events.subscription_lanes, bigint, bigint),
@@ -1267,6 +1310,7 @@ REVOKE ALL ON FUNCTION
 GRANT USAGE ON SCHEMA task_events TO task_events_consumer;
 GRANT EXECUTE ON FUNCTION
 	task_events.read_batch(text, int, interval),
+	task_events.read_lane(text, int, int, interval),
 	task_events.ack_batch(text, bigint),
 	task_events.nack_batch(text, bigint, uuid, text)
 	TO task_events_consumer;
@@ -1281,6 +1325,10 @@ COMMENT ON FUNCTION task_events.drop_subscription(text) IS
 	'Drops a subscription with its positions and dead letters';
 COMMENT ON FUNCTION task_events.read_batch(text, int, interval) IS
 	'Leases the next events of a free lane of the subscription; empty when nothing is ready';
+COMMENT ON FUNCTION task_events.read_lane(text, int, int, interval) IS
+	'Leases the next events of one lane of the subscription; empty when nothing is ready or it is leased';
+COMMENT ON FUNCTION task_events._read_batch(text, int, int, interval) IS
+	'Internal: read_batch and read_lane';
 COMMENT ON FUNCTION task_events.ack_batch(text, bigint) IS
 	'Acknowledges a leased batch: the lane moves past it; returns how many events';
 COMMENT ON FUNCTION task_events.nack_batch(text, bigint, uuid, text) IS

@@ -504,3 +504,26 @@ DROP FUNCTION regress.sub_read(text, int, interval), regress.sub_batch(text), re
 	regress.sub_drain(text, int), regress.sub_read_as_consumer(text, int);
 DROP PROCEDURE regress.sub_wait_for_expiry(text);
 DROP TABLE regress.sub_got;
+
+------------------------------------------------------------------------------
+-- read_lane: one lane only; the others are left to other readers.
+------------------------------------------------------------------------------
+SELECT task_events.create_subscription('by_lane', lanes => 4);
+SELECT count(*) AS tasks FROM generate_series(1, 12) i, task_events.create_task('lane' || i, 'by lane ' || i);
+CREATE TEMP TABLE by_lane AS SELECT * FROM task_events.read_lane('by_lane', 2);
+SELECT count(*) > 0 AS read_some, bool_and(lane = 2) AS all_of_lane_2,
+	   (SELECT count(DISTINCT batch_id) FROM by_lane) AS batches
+FROM by_lane;
+-- Lane 2 is leased: read_lane finds nothing, read_batch takes another lane.
+SELECT count(*) AS while_leased FROM task_events.read_lane('by_lane', 2);
+SELECT bool_and(lane <> 2) AS another_lane FROM task_events.read_batch('by_lane');
+SELECT task_events.ack_batch('by_lane', (SELECT min(batch_id) FROM by_lane)) = (SELECT count(*) FROM by_lane)
+	AS acked_all;
+SELECT events_behind AS lane_2_behind FROM task_events.subscription_status
+WHERE subscription = 'by_lane' AND lane = 2;
+SELECT * FROM regress.error_of($$SELECT * FROM task_events.read_lane('by_lane', 4)$$);
+SELECT * FROM regress.error_of($$SELECT * FROM task_events.read_lane('by_lane', -1)$$);
+SELECT * FROM regress.error_of($$SELECT * FROM task_events.read_lane('by_lane', NULL)$$);
+SELECT * FROM regress.error_of($$SELECT * FROM task_events.read_lane('no_such', 0)$$);
+SELECT task_events.drop_subscription('by_lane');
+DROP TABLE by_lane;
