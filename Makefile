@@ -1,6 +1,7 @@
 # task_events: built with PGXS against the server headers of $(PG_CONFIG).
 #
-#   make && sudo make install      build and install the extension
+#   make && sudo make install      build and install the extension and
+#                                  task_events_consume (consumer/)
 #   scripts/test.sh                every test suite (see README.md)
 
 EXTENSION = task_events
@@ -58,3 +59,19 @@ EXTRA_CLEAN = tmp_check tmp_check_iso results output_iso regression.diffs regres
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# task_events_consume, the subscription consumer program: a PGXS PROGRAM in
+# consumer/ with its own Makefile (PGXS uses OBJS for the program too).
+.PHONY: consumer-all consumer-install consumer-uninstall consumer-clean
+all: consumer-all
+install: consumer-install
+uninstall: consumer-uninstall
+clean: consumer-clean
+consumer-all:
+	$(MAKE) -C $(srcdir)/consumer PG_CONFIG='$(PG_CONFIG)' all
+consumer-install:
+	$(MAKE) -C $(srcdir)/consumer PG_CONFIG='$(PG_CONFIG)' install
+consumer-uninstall:
+	$(MAKE) -C $(srcdir)/consumer PG_CONFIG='$(PG_CONFIG)' uninstall
+consumer-clean:
+	$(MAKE) -C $(srcdir)/consumer PG_CONFIG='$(PG_CONFIG)' clean

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Static analysis of task_events' C code: cppcheck and clang-tidy over
-# src/*.c.  Prints every finding as file:line: [check] message and exits
+# src/*.c and consumer/*.c (task_events_consume).  Prints every finding as file:line: [check] message and exits
 # non-zero when there is any (exit 1), or when a tool could not run (exit 2).
 #
 #   scripts/analyze.sh            both tools
@@ -72,7 +72,7 @@ trap 'rm -rf -- "$WORK"' EXIT
 INCLUDE_SERVER=$("$PG_CONFIG" --includedir-server)
 cd -- "$ROOT"
 shopt -s nullglob
-SOURCES=(src/*.c)
+SOURCES=(src/*.c consumer/*.c)
 shopt -u nullglob
 FINDINGS=0
 declare -A COUNT
@@ -86,7 +86,7 @@ run_cppcheck() {
 	if ! cppcheck --quiet --std=c99 --enable=warning,performance,portability \
 		--inline-suppr --error-exitcode=0 \
 		-D__GNUC__=12 -D__x86_64__ -D__linux__ -D__STDC__ \
-		-I src/include -I "$INCLUDE_SERVER" \
+		-I src/include -I consumer -I "$INCLUDE_SERVER" -I "$("$PG_CONFIG" --includedir)" \
 		--suppress="*:$INCLUDE_SERVER/*" \
 		--template='{file}:{line}: [cppcheck:{id}] {severity}: {message}' \
 		-j "$(nproc)" "${SOURCES[@]}" 2>"$out"; then
@@ -107,20 +107,27 @@ run_cppcheck() {
 make_compile_commands() {
 	make -n -B -C "$ROOT" PG_CONFIG="$PG_CONFIG" 2>/dev/null |
 		python3 -c '
-import json, shlex, sys
+import json, os, re, shlex, sys
 root, out = sys.argv[1], sys.argv[2]
 gcc_only = ("-Wimplicit-fallthrough=", "-Wcast-function-type", "-fexcess-precision",
             "-Wno-format-truncation", "-Wno-stringop-truncation",
             "-Wmissing-format-attribute", "-Werror")
 entries = []
+directory = root
 for line in sys.stdin:
+    # consumer/ is built by a sub-make, in its own directory.
+    m = re.match(r"make\[\d+\]: (Entering|Leaving) directory \x27(.*)\x27", line)
+    if m:
+        directory = m.group(2) if m.group(1) == "Entering" else root
+        continue
     args = shlex.split(line)
     if not args or not args[-1].endswith(".c") or "-c" not in args or "-emit-llvm" in args:
         continue
-    if not args[-1].startswith("src/"):
+    file = os.path.relpath(os.path.join(directory, args[-1]), root)
+    if not file.startswith(("src/", "consumer/")):
         continue
     args = ["clang"] + [a for a in args[1:] if not a.startswith(gcc_only)]
-    entries.append({"directory": root, "arguments": args, "file": args[-1]})
+    entries.append({"directory": directory, "arguments": args, "file": os.path.join(root, file)})
 if not entries:
     sys.exit("no compile commands found in make -n -B output")
 json.dump(entries, open(out, "w"), indent=1)

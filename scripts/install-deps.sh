@@ -21,6 +21,9 @@ PACKAGES=(
 	libipc-run-perl                       # needed by PostgreSQL::Test::Cluster
 	python3-psycopg                       # the subscription consumer of test/t/027 (a real client)
 	uuid-dev                              # -luuid
+	libcurl4-openssl-dev                  # task_events_consume --post (HTTP)
+	libssl-dev                            # task_events_consume --post (HMAC-SHA256)
+	libhttp-daemon-perl                   # the webhook of test/t/028_consume.pl
 )
 
 if [[ $EUID -ne 0 ]]; then
