@@ -41,24 +41,10 @@ use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(usleep);
 
 use TaskEventsTest;
 
 my @SERVED = qw(db1 db2 db3);
-
-# Poll until check returns true (every 0.1 s, up to the default timeout);
-# returns whether it did.
-sub wait_until
-{
-	my ($check) = @_;
-	for (1 .. 10 * $PostgreSQL::Test::Utils::timeout_default)
-	{
-		return 1 if $check->();
-		usleep(100_000);
-	}
-	return 0;
-}
 
 # The number of task_events workers connected to database db.
 sub workers_in

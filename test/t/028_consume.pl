@@ -81,19 +81,6 @@ my $node = te_node(
 my $dir = $node->basedir . '/consume';
 make_path($dir);
 
-# Poll until check returns true (every 0.1 s, up to the default timeout);
-# returns whether it did.
-sub wait_until
-{
-	my ($check) = @_;
-	for (1 .. 10 * $PostgreSQL::Test::Utils::timeout_default)
-	{
-		return 1 if $check->();
-		usleep(100_000);
-	}
-	return 0;
-}
-
 # The connection string the program gets: database postgres, as
 # $consume_user when set (else the superuser).
 our $consume_user;

@@ -21,6 +21,7 @@ use warnings FATAL => 'all';
 
 use Exporter 'import';
 use IPC::Run;
+use Time::HiRes ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -520,5 +521,20 @@ sub launcher_loops_quietly
 }
 
 push @EXPORT, qw(workers wait_for_workers_in te_processes launcher_loops_quietly);
+
+# Poll until check (a code reference) returns true, every 0.1 s, up to the
+# default timeout; returns whether it did.
+sub wait_until
+{
+	my ($check) = @_;
+	for (1 .. 10 * $PostgreSQL::Test::Utils::timeout_default)
+	{
+		return 1 if $check->();
+		Time::HiRes::usleep(100_000);
+	}
+	return 0;
+}
+
+push @EXPORT, qw(wait_until);
 
 1;
