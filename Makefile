@@ -2,7 +2,9 @@
 #
 #   make && sudo make install      build and install the extension and
 #                                  task_events_consume (consumer/)
-#   scripts/test.sh                every test suite (see README.md)
+#   make installcheck              pg_regress, isolation and TAP suites
+#   make pgtap                     the pgTAP suite (pg_prove)
+#   scripts/test.sh                every test suite (see docs/testing.md)
 
 EXTENSION = task_events
 MODULE_big = task_events
@@ -42,10 +44,15 @@ PG_CPPFLAGS = -I$(srcdir)/src/include
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK = -luuid
 
+# The test suites run against the installed extension, each on throwaway
+# servers, as any user but root (docs/testing.md).  make installcheck runs
+# pg_regress, isolation and TAP in that order; REGRESS=, ISOLATION= or
+# TAP_TESTS= on the command line leaves one out.
+
 # pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
 REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry handler_api \
-	subscriptions security
-REGRESS_OPTS = --temp-instance=tmp_check --temp-config=$(srcdir)/test/regress.conf \
+	subscriptions security metrics
+REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf \
 	--encoding=UTF8 --no-locale
 
 # Isolation specs: test/isolation/specs/*.spec against test/isolation/expected/*.out.
@@ -54,11 +61,31 @@ ISOLATION = concurrent_transitions late_commit handler_order concurrent_process_
 ISOLATION_OPTS = --inputdir=$(srcdir)/test/isolation --temp-instance=tmp_check_iso \
 	--temp-config=$(srcdir)/test/regress.conf --encoding=UTF8 --no-locale
 
-EXTRA_CLEAN = tmp_check tmp_check_iso results output_iso regression.diffs regression.out
+# TAP tests: test/t/*.pl with PostgreSQL::Test::Cluster, through PGXS's
+# prove_installcheck (run from $(srcdir); each test's log is
+# tmp_check/log/regress_log_<test>).  PROVE_TESTS='test/t/011*.pl' picks
+# files, PROVE_FLAGS=--verbose is passed to prove.
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
+# pgTAP files (make pgtap): test/pgtap/*.sql, unless PGTAP_TESTS names some.
+PGTAP_TESTS =
+
+EXTRA_CLEAN = tmp_check tmp_check_regress tmp_check_iso tmp_check_pgtap results output_iso \
+	regression.diffs regression.out
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# TaskEventsTest.pm, the TAP tests' helpers (set after the include, which
+# defines PG_PROVE_FLAGS; PROVE_FLAGS stays free for the command line).
+PG_PROVE_FLAGS += -I $(srcdir)/test/t
+
+# pg_prove on a throwaway server with the installed task_events (test/pgtap/run.sh).
+.PHONY: pgtap
+pgtap:
+	PG_CONFIG='$(PG_CONFIG)' bash $(srcdir)/test/pgtap/run.sh $(PGTAP_TESTS)
 
 # task_events_consume, the subscription consumer program: a PGXS PROGRAM in
 # consumer/ with its own Makefile (PGXS uses OBJS for the program too).

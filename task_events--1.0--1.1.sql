@@ -10,6 +10,56 @@
 \echo Use "CREATE EXTENSION task_events" or "ALTER EXTENSION task_events UPDATE" to load this file. \quit
 
 /*
+ * A description of every object of the schema (\dn+, \df+, \dt+, \dT+ and
+ * pg_description show them); 1.0 had some without.  sql/security.sql
+ * checks that none is missing.
+ */
+COMMENT ON SCHEMA task_events IS
+	'task_events: tasks whose every change records a domain event, published on NOTIFY and handled by background workers';
+COMMENT ON TYPE task_events.task_status IS 'The statuses of a task: pending, in_progress, completed, cancelled';
+COMMENT ON FUNCTION task_events.create_task(text, text, text) IS
+	'Creates a task (pending) and records TaskCreated; returns the task';
+COMMENT ON FUNCTION task_events.update_status(uuid, task_events.task_status, bigint) IS
+	'Moves a task to another status and records TaskStatusChanged (and TaskCompleted); optional expected_version';
+COMMENT ON FUNCTION task_events.complete_task(uuid, bigint) IS
+	'Completes a task: update_status(task_id, ''completed'', expected_version)';
+COMMENT ON FUNCTION task_events.task_history(uuid) IS 'The events of a task, in version order';
+COMMENT ON FUNCTION task_events.process_pending(text, integer) IS
+	'Runs handlers in this session over the events they have not handled (without the background workers)';
+COMMENT ON FUNCTION task_events.handler_backlog(text) IS
+	'Events of a handler''s types not yet handled, and the oldest one''s time (for handler_status)';
+COMMENT ON FUNCTION task_events.adopt_restored_log() IS
+	'After a restore into another cluster: translates the transaction ids of the log and the positions, so that writers and handlers run again';
+COMMENT ON FUNCTION task_events.notification_handler(task_events.events[]) IS
+	'Built-in handler: a notification row for the task''s owner on TaskCreated and TaskCompleted';
+COMMENT ON FUNCTION task_events.analytics_handler(task_events.events[]) IS
+	'Built-in handler: per-user counters and completion times';
+COMMENT ON FUNCTION task_events.audit_handler(task_events.events[]) IS
+	'Built-in handler: one audit_log row per event';
+COMMENT ON FUNCTION task_events.relay_handler(task_events.events[]) IS
+	'Built-in handler: publishes events on NOTIFY after their commit (notify_mode relay)';
+COMMENT ON FUNCTION task_events.check_handler_function() IS
+	'Internal trigger: a handler''s function must take task_events.events[] and return void';
+COMMENT ON FUNCTION task_events.refuse_modification() IS
+	'Internal trigger: refuses UPDATE, DELETE and TRUNCATE of the append-only tables';
+COMMENT ON TABLE task_events.handlers IS 'The registered handlers: name, function, event types, paused';
+COMMENT ON TABLE task_events.handler_state IS
+	'Each handler''s position in the log (commit-safe window) and its retry state';
+COMMENT ON TABLE task_events.dead_letters IS
+	'Events a handler failed max_attempts times; retry_dead_letters() offers them again';
+COMMENT ON TABLE task_events.notifications IS 'Written by the notification handler: one row per notification to a user';
+COMMENT ON TABLE task_events.analytics_counters IS 'Written by the analytics handler: counters per metric and user';
+COMMENT ON TABLE task_events.completion_stats IS 'Written by the analytics handler: one row per completed task, with its time to complete';
+COMMENT ON TABLE task_events.audit_log IS 'Written by the audit handler: one row per event, append-only';
+COMMENT ON TABLE task_events.log_origin IS
+	'The cluster and database the log was written in: a restore elsewhere is detected and needs adopt_restored_log()';
+COMMENT ON VIEW task_events.handler_status IS
+	'One row per handler: position, events behind, seconds behind, processed, failed, dead letters, retry state, workers';
+COMMENT ON VIEW task_events.event_rates IS 'Events recorded per type over the last minute';
+COMMENT ON SEQUENCE task_events.events_seq_seq IS 'The order of the event log (events.seq)';
+COMMENT ON SEQUENCE task_events.notifications_notification_id_seq IS 'Ids of task_events.notifications';
+
+/*
  * Handlers that misbehave (src/lost_batch.c, src/call_journal.c).  A batch
  * can be lost whole, with the failure count that would have been saved in
  * it: its handler ended the worker's process, or its commit failed.
@@ -598,6 +648,7 @@ SELECT pg_catalog.pg_extension_config_dump('task_events.subscriptions', '');
 SELECT pg_catalog.pg_extension_config_dump('task_events.subscription_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('task_events.subscription_dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('task_events.subscription_batch_seq', '');
+COMMENT ON SEQUENCE task_events.subscription_batch_seq IS 'Ids of the batches read_batch leases';
 
 /*
  * The current snapshot with the caller's own transaction listed as in
@@ -1047,22 +1098,22 @@ END
 $$;
 
 /*
- * nack_batch: the consumer failed.  With failed_event_id, the events before
- * it are acknowledged and the attempt is that event's; without, the whole
- * batch's.  The lane is offered again after the backoff (retry_delay,
- * doubling); after max_attempts the event (or the whole batch) goes to
+ * A failed batch (nack_batch, dead_letter_event).  With failed_event_id, the
+ * events before it are acknowledged and the attempt is that event's; without,
+ * the whole batch's.  The lane is offered again after the backoff
+ * (retry_delay, doubling); after max_attempts, or at once with
+ * dead_letter_now, the event (or the whole batch) goes to
  * subscription_dead_letters and the lane moves past it.  A failed retry of
  * dead letters puts them back, counting the attempt.
  */
-CREATE FUNCTION task_events.nack_batch(subscription text, batch_id bigint,
-	failed_event_id uuid DEFAULT NULL, error text DEFAULT NULL)
+CREATE FUNCTION task_events._nack(subscription text, batch_id bigint,
+	failed_event_id uuid, error text, dead_letter_now boolean)
 	RETURNS void
 	LANGUAGE plpgsql
-	SECURITY DEFINER
 	SET search_path = pg_catalog, pg_temp
 	AS $$
 DECLARE
-	l task_events.subscription_lanes := task_events._leased_lane(nack_batch.subscription, nack_batch.batch_id);
+	l task_events.subscription_lanes := task_events._leased_lane(_nack.subscription, _nack.batch_id);
 	failed_seq bigint;
 	before bigint;
 	max_attempts int := COALESCE(pg_catalog.current_setting('task_events.max_attempts', true), '5')::int;
@@ -1070,11 +1121,11 @@ DECLARE
 BEGIN
 	IF failed_event_id IS NOT NULL THEN
 		SELECT e.seq INTO failed_seq FROM task_events.events e
-		WHERE e.event_id OPERATOR(pg_catalog.=) nack_batch.failed_event_id
+		WHERE e.event_id OPERATOR(pg_catalog.=) _nack.failed_event_id
 		  AND e.seq OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT task_events._batch_seqs(l)));
 		IF failed_seq IS NULL THEN
 			RAISE EXCEPTION 'event % is not in batch % of subscription "%"',
-				failed_event_id, nack_batch.batch_id, nack_batch.subscription
+				failed_event_id, _nack.batch_id, _nack.subscription
 				USING ERRCODE = 'invalid_parameter_value';
 		END IF;
 	END IF;
@@ -1091,13 +1142,13 @@ BEGIN
 		END IF;
 		UPDATE task_events.subscription_dead_letters d
 		SET retry_requested = false, attempts = d.attempts OPERATOR(pg_catalog.+) 1,
-			message = nack_batch.error, failed_at = pg_catalog.clock_timestamp()
+			message = _nack.error, failed_at = pg_catalog.clock_timestamp()
 		WHERE d.subscription OPERATOR(pg_catalog.=) l.subscription AND d.lane OPERATOR(pg_catalog.=) l.lane
 		  AND d.retry_requested
 		  AND d.seq OPERATOR(pg_catalog.>=) COALESCE(failed_seq, l.batch_first_seq)
 		  AND d.seq OPERATOR(pg_catalog.<=) CASE WHEN failed_seq IS NULL THEN l.batch_last_seq ELSE failed_seq END;
 		UPDATE task_events.subscription_lanes x
-		SET failed = x.failed OPERATOR(pg_catalog.+) 1, last_error = nack_batch.error,
+		SET failed = x.failed OPERATOR(pg_catalog.+) 1, last_error = _nack.error,
 			last_error_at = pg_catalog.clock_timestamp()
 		WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
 		RETURN;
@@ -1115,11 +1166,11 @@ BEGIN
 		new_attempts := l.attempts OPERATOR(pg_catalog.+) 1;
 	END IF;
 
-	IF new_attempts OPERATOR(pg_catalog.>=) max_attempts THEN
-		-- Out of attempts: dead letters, and the lane moves past them.
+	IF dead_letter_now OR new_attempts OPERATOR(pg_catalog.>=) max_attempts THEN
+		-- Out of attempts, or given up: dead letters, and the lane moves past them.
 		INSERT INTO task_events.subscription_dead_letters
 			(subscription, seq, lane, event_id, attempts, message, failed_at)
-		SELECT l.subscription, e.seq, l.lane, e.event_id, new_attempts, nack_batch.error, pg_catalog.clock_timestamp()
+		SELECT l.subscription, e.seq, l.lane, e.event_id, new_attempts, _nack.error, pg_catalog.clock_timestamp()
 		FROM task_events.events e
 		WHERE e.seq OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT task_events._batch_seqs(l)))
 		  AND e.seq OPERATOR(pg_catalog.>=) COALESCE(failed_seq, l.batch_first_seq)
@@ -1136,9 +1187,40 @@ BEGIN
 		WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
 	END IF;
 	UPDATE task_events.subscription_lanes x
-	SET failed = x.failed OPERATOR(pg_catalog.+) 1, last_error = nack_batch.error,
+	SET failed = x.failed OPERATOR(pg_catalog.+) 1, last_error = _nack.error,
 		last_error_at = pg_catalog.clock_timestamp()
 	WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
+END
+$$;
+
+/*
+ * nack_batch: the consumer failed and the event (or the batch) is worth
+ * retrying.  dead_letter_event: the consumer knows that retrying is useless
+ * (a webhook's 4xx answer): the events before it are acknowledged and the
+ * event goes to the dead letters at once.
+ */
+CREATE FUNCTION task_events.nack_batch(subscription text, batch_id bigint,
+	failed_event_id uuid DEFAULT NULL, error text DEFAULT NULL)
+	RETURNS void
+	LANGUAGE sql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$ SELECT task_events._nack($1, $2, $3, $4, false) $$;
+
+CREATE FUNCTION task_events.dead_letter_event(subscription text, batch_id bigint,
+	event_id uuid, error text DEFAULT NULL)
+	RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	IF dead_letter_event.event_id IS NULL THEN
+		RAISE EXCEPTION 'event_id must not be null'
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	PERFORM task_events._nack(dead_letter_event.subscription, dead_letter_event.batch_id,
+		dead_letter_event.event_id, dead_letter_event.error, true);
 END
 $$;
 
@@ -1304,7 +1386,9 @@ REVOKE ALL ON FUNCTION
 	task_events._batch_seqs(task_events.subscription_lanes),
 	task_events._acknowledge(task_events.subscription_lanes, bigint, bigint),
 	task_events.ack_batch(text, bigint),
+	task_events._nack(text, bigint, uuid, text, boolean),
 	task_events.nack_batch(text, bigint, uuid, text),
+	task_events.dead_letter_event(text, bigint, uuid, text),
 	task_events.retry_dead_letters(text)
 	FROM PUBLIC;
 GRANT USAGE ON SCHEMA task_events TO task_events_consumer;
@@ -1312,7 +1396,8 @@ GRANT EXECUTE ON FUNCTION
 	task_events.read_batch(text, int, interval),
 	task_events.read_lane(text, int, int, interval),
 	task_events.ack_batch(text, bigint),
-	task_events.nack_batch(text, bigint, uuid, text)
+	task_events.nack_batch(text, bigint, uuid, text),
+	task_events.dead_letter_event(text, bigint, uuid, text)
 	TO task_events_consumer;
 GRANT SELECT ON task_events.subscription_status TO task_events_consumer, task_events_reader;
 REVOKE ALL ON FUNCTION task_events.subscription_backlog(text, int) FROM PUBLIC;
@@ -1333,6 +1418,9 @@ COMMENT ON FUNCTION task_events.ack_batch(text, bigint) IS
 	'Acknowledges a leased batch: the lane moves past it; returns how many events';
 COMMENT ON FUNCTION task_events.nack_batch(text, bigint, uuid, text) IS
 	'Reports a failed batch (or the event that failed in it): retried after a backoff, dead-lettered after max_attempts';
+COMMENT ON FUNCTION task_events.dead_letter_event(text, bigint, uuid, text) IS
+	'Reports an event of a batch that retrying cannot mend: the events before it are acknowledged, it goes to the dead letters at once';
+COMMENT ON FUNCTION task_events._nack(text, bigint, uuid, text, boolean) IS 'Internal: nack_batch and dead_letter_event';
 COMMENT ON FUNCTION task_events._check_subscription_name(text) IS 'Internal: validates a subscription name';
 COMMENT ON FUNCTION task_events._require_subscription(text) IS 'Internal: the subscription''s row, or 42704';
 COMMENT ON FUNCTION task_events._subscriptions_wakeup_handler() IS 'Internal: registers or removes the subscriptions handler';
@@ -1341,3 +1429,104 @@ COMMENT ON FUNCTION task_events._retry_time(int) IS 'Internal: when the next att
 COMMENT ON FUNCTION task_events._leased_lane(text, bigint) IS 'Internal: the lane holding a leased batch, or 55000';
 COMMENT ON FUNCTION task_events._batch_seqs(task_events.subscription_lanes) IS 'Internal: the seqs of a lane''s leased batch';
 COMMENT ON FUNCTION task_events._acknowledge(task_events.subscription_lanes, bigint, bigint) IS 'Internal: moves a lane past acknowledged events';
+
+/*
+ * Metrics for Prometheus (docs/operations.md, "Prometheus"): one row per
+ * sample, named as the series contrib/prometheus/queries.yaml exposes
+ * through postgres_exporter, labels as a jsonb object of strings.  Three
+ * families, each computed only when asked for (family NULL: all):
+ * - handler: handler_status's lag, counts, retry state and pause, per handler;
+ * - subscription: subscription_status's, per subscription lane;
+ * - published: the events per type.  Counting the log is a scan of all of it
+ *   at every scrape, too slow on a big log: the total is the planner's
+ *   estimate (rows per page at the last ANALYZE times the pages now, times
+ *   the type's share of the last ANALYZE's sample: exact after an ANALYZE of
+ *   a small log, on a big one off by the sampling error and the drift since
+ *   the last ANALYZE), and the last minute is counted exactly
+ *   (event_rates: the BRIN index on occurred_at reads only the last pages).
+ * SECURITY DEFINER: its callers (pg_monitor, the exporter's role) may read
+ * neither the log nor the statistics.
+ */
+CREATE FUNCTION task_events.metrics(family text DEFAULT NULL,
+	OUT metric text, OUT labels jsonb, OUT value double precision)
+	RETURNS SETOF record
+	LANGUAGE plpgsql STABLE
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+BEGIN
+	IF metrics.family OPERATOR(pg_catalog.<>) ALL ('{handler,subscription,published}'::pg_catalog.text[]) THEN
+		RAISE EXCEPTION 'unknown metric family "%"', metrics.family
+			USING ERRCODE = 'invalid_parameter_value',
+				  DETAIL = 'The families are handler, subscription and published; NULL gives them all.';
+	END IF;
+
+	IF metrics.family IS NULL OR metrics.family OPERATOR(pg_catalog.=) 'handler' THEN
+		RETURN QUERY
+		SELECT 'task_events_handler_' OPERATOR(pg_catalog.||) m.name,
+			   pg_catalog.jsonb_build_object('handler', h.handler), m.v
+		FROM task_events.handler_status h
+		CROSS JOIN LATERAL (VALUES
+			(1, 'events_behind', h.events_behind::pg_catalog.float8),
+			(2, 'seconds_behind', h.seconds_behind),
+			(3, 'processed_total', h.processed::pg_catalog.float8),
+			(4, 'failed_total', h.failed::pg_catalog.float8),
+			(5, 'dead_letters', h.dead_letters::pg_catalog.float8),
+			(6, 'retry_attempts', COALESCE(h.retry_attempts, 0)::pg_catalog.float8),
+			(7, 'retrying', CASE WHEN h.retry_attempts OPERATOR(pg_catalog.>) 0 THEN 1 ELSE 0 END::pg_catalog.float8),
+			(8, 'paused', CASE WHEN h.paused THEN 1 ELSE 0 END::pg_catalog.float8)) AS m(n, name, v)
+		ORDER BY h.handler, m.n;
+	END IF;
+
+	IF metrics.family IS NULL OR metrics.family OPERATOR(pg_catalog.=) 'subscription' THEN
+		RETURN QUERY
+		SELECT 'task_events_subscription_' OPERATOR(pg_catalog.||) m.name,
+			   pg_catalog.jsonb_build_object('subscription', s.subscription, 'lane', s.lane::pg_catalog.text), m.v
+		FROM task_events.subscription_status s
+		CROSS JOIN LATERAL (VALUES
+			(1, 'events_behind', s.events_behind::pg_catalog.float8),
+			(2, 'seconds_behind', s.seconds_behind),
+			(3, 'acknowledged_total', s.acknowledged::pg_catalog.float8),
+			(4, 'failed_total', s.failed::pg_catalog.float8),
+			(5, 'dead_letters', s.dead_letters::pg_catalog.float8),
+			(6, 'retry_attempts', s.retry_attempts::pg_catalog.float8),
+			(7, 'retrying', CASE WHEN s.retry_attempts OPERATOR(pg_catalog.>) 0 THEN 1 ELSE 0 END::pg_catalog.float8))
+			AS m(n, name, v)
+		ORDER BY s.subscription, s.lane, m.n;
+	END IF;
+
+	IF metrics.family IS NULL OR metrics.family OPERATOR(pg_catalog.=) 'published' THEN
+		-- The estimate: only once the log was analyzed, for the types in its sample.
+		RETURN QUERY
+		SELECT 'task_events_published_estimate',
+			   pg_catalog.jsonb_build_object('event_type', t.event_type),
+			   pg_catalog.round(t.freq::pg_catalog.float8 OPERATOR(pg_catalog.*) CASE
+					WHEN c.relpages OPERATOR(pg_catalog.>) 0
+					THEN c.reltuples::pg_catalog.float8 OPERATOR(pg_catalog./) c.relpages::pg_catalog.float8
+						 OPERATOR(pg_catalog.*) (pg_catalog.pg_relation_size(c.oid)
+							 OPERATOR(pg_catalog./) pg_catalog.current_setting('block_size')::pg_catalog.int8)::pg_catalog.float8
+					ELSE c.reltuples::pg_catalog.float8 END)
+		FROM pg_catalog.pg_class c
+		JOIN pg_catalog.pg_stats st ON st.schemaname OPERATOR(pg_catalog.=) 'task_events'
+			 AND st.tablename OPERATOR(pg_catalog.=) 'events' AND st.attname OPERATOR(pg_catalog.=) 'event_type'
+			 AND NOT st.inherited
+		CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(st.most_common_vals::pg_catalog.text::pg_catalog.text[]),
+									  pg_catalog.unnest(st.most_common_freqs)) AS t(event_type, freq)
+		WHERE c.oid OPERATOR(pg_catalog.=) 'task_events.events'::pg_catalog.regclass
+		  AND c.reltuples OPERATOR(pg_catalog.>=) 0
+		ORDER BY t.event_type;
+		RETURN QUERY
+		SELECT 'task_events_published_last_minute',
+			   pg_catalog.jsonb_build_object('event_type', t.event_type),
+			   COALESCE(r.last_minute, 0)::pg_catalog.float8
+		FROM pg_catalog.unnest('{TaskCreated,TaskStatusChanged,TaskCompleted}'::pg_catalog.text[]) AS t(event_type)
+		LEFT JOIN task_events.event_rates r ON r.event_type OPERATOR(pg_catalog.=) t.event_type
+		ORDER BY t.event_type;
+	END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION task_events.metrics(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION task_events.metrics(text) TO task_events_reader, pg_monitor;
+GRANT USAGE ON SCHEMA task_events TO pg_monitor;
+COMMENT ON FUNCTION task_events.metrics(text) IS
+	'Metrics for Prometheus, one row per sample (metric, labels, value): handlers, subscription lanes, events published per type';

@@ -10,11 +10,14 @@
 # Parts (BENCH_PARTS, default all, in this order):
 #   throughput  create_task and lifecycle at each client count: the extension
 #               in each notify_mode, the PL/pgSQL baseline with and without
-#               NOTIFY, the write ceiling and the pipeline ceiling
-#   latency     commit -> audit row at a steady BENCH_RATE events/s
+#               NOTIFY, PgQ with its consumers running, the write ceiling and
+#               the pipeline ceiling
+#   latency     commit -> audit row at a steady BENCH_RATE events/s, for each
+#               notify_mode and for PgQ
 #   lag         handler backlog sampled each second under the maximum write rate
 #   drain       workers draining a backlog of BENCH_DRAIN_EVENTS events, with
-#               the workers' memory before and after
+#               the workers' memory before and after; then PgQ's consumers
+#               draining a backlog of the same size
 #   log         create_task with BENCH_LOG_EVENTS events in the log against an
 #               empty log
 #
@@ -29,11 +32,23 @@
 #   BENCH_OUT=bench/results where the CSV files, report and plot go
 #   BENCH_KEEP=1            keep the server's data directory (path printed)
 #   BENCH_SERVER_CONF       extra postgresql.conf lines, one per line
+#   BENCH_PGQ_TICKER_PERIOD=0.1  pgqd's ticker_period (s), see "PgQ" below
+#   BENCH_PGQ_IDLE_SLEEP=0.01    a PgQ consumer's sleep (s) when it found no batch
+#
+# The PostgreSQL 15 binaries: PG_BIN, else the bindir of PG_CONFIG (as
+# scripts/test.sh passes it), else Debian's.  The server runs from the same.
 set -euo pipefail
 
 BENCH=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd -- "$BENCH/.." && pwd)
-PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+if [[ -z ${PG_BIN:-} ]]; then
+	if [[ -n ${PG_CONFIG:-} && -x ${PG_CONFIG:-} ]]; then
+		PG_BIN=$("$PG_CONFIG" --bindir)
+	else
+		PG_BIN=/usr/lib/postgresql/15/bin
+	fi
+fi
+PG_TEMP_BIN=${PG_TEMP_BIN:-$PG_BIN}
 
 SMOKE=${BENCH_SMOKE:-0}
 if [[ $SMOKE == 1 ]]; then
@@ -62,7 +77,9 @@ OUT=$(realpath -m -- "${BENCH_OUT:-$BENCH/results}")
 MAIN_CLIENTS=16
 [[ " $CLIENTS " == *" $MAIN_CLIENTS "* ]] || MAIN_CLIENTS=${CLIENTS##* }
 EXT_DB=bench_ext
-BASE_DB=bench_baseline
+BASE_DB=bench_baseline # the PL/pgSQL baseline, the ceilings and PgQ
+PGQ_TICKER_PERIOD=${BENCH_PGQ_TICKER_PERIOD:-0.1}
+PGQ_IDLE_SLEEP=${BENCH_PGQ_IDLE_SLEEP:-0.01}
 
 # shellcheck source=scripts/pg-temp.sh
 . "$ROOT/scripts/pg-temp.sh"
@@ -78,18 +95,24 @@ for tool in psql pgbench; do
 done
 [[ -f $("$PG_BIN/pg_config" --sharedir)/extension/task_events.control ]] ||
 	die "task_events is not installed: run make install (bench/run.sh does)"
+[[ -f $("$PG_BIN/pg_config" --sharedir)/extension/pgq.control ]] ||
+	die "PgQ is not installed in $("$PG_BIN/pg_config" --sharedir): install postgresql-15-pgq3 (scripts/install-deps.sh does)"
+PGQD=$(command -v pgqd) || die "pgqd not found: install pgqd (scripts/install-deps.sh does)"
 
 WORK=$(mktemp -d /tmp/task_events_bench.XXXXXX)
 DATADIR=$WORK/data
 RAW=$WORK/raw # pgbench outputs and other raw material
 mkdir -p -- "$RAW" "$OUT"
 SAMPLER_PID=
+PGQD_PID=
+PGQ_CONSUMER_PIDS=()
 cleanup() {
 	local rc=$?
 	if [[ -n $SAMPLER_PID ]]; then
 		kill "$SAMPLER_PID" 2>/dev/null || true
 		wait "$SAMPLER_PID" 2>/dev/null || true
 	fi
+	pgq_stop >/dev/null 2>&1 || true
 	pg_temp_cleanup
 	if [[ ${BENCH_KEEP:-0} == 1 || $rc -ne 0 ]]; then
 		echo "bench: data directory and raw outputs kept in $WORK"
@@ -144,7 +167,7 @@ q() {
 
 psql -d postgres -c "CREATE DATABASE $EXT_DB" -c "CREATE DATABASE $BASE_DB"
 psql -d "$EXT_DB" -c 'CREATE EXTENSION task_events'
-psql -d "$BASE_DB" -f "$BENCH/plpgsql_baseline.sql" -f "$BENCH/ceiling.sql"
+psql -d "$BASE_DB" -f "$BENCH/plpgsql_baseline.sql" -f "$BENCH/ceiling.sql" -f "$BENCH/pgq_baseline.sql" >/dev/null
 
 # Is task_events.notify_mode there?  Without it everything is 'commit'.
 HAVE_MODES=$(q "$EXT_DB" "SELECT count(*) FROM pg_settings WHERE name = 'task_events.notify_mode'")
@@ -168,6 +191,8 @@ fi
 	echo "server: $(q postgres 'SELECT version()')"
 	echo "pgbench: $("$PG_BIN/pgbench" --version)"
 	echo "task_events.notify_mode available: $([[ $HAVE_MODES == 1 ]] && echo yes || echo no)"
+	echo "postgresql binaries: $PG_BIN"
+	echo "pgq: $(q "$BASE_DB" 'SELECT pgq.version()'); $("$PGQD" -V) (ticker_period $PGQ_TICKER_PERIOD s)"
 	echo "git: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
 	if [[ $SMOKE != 1 && -x $PG_BIN/pg_test_fsync ]]; then
 		echo "fdatasync: $(cd "$WORK" && "$PG_BIN/pg_test_fsync" -s 1 -f "$WORK/fsync.test" 2>/dev/null |
@@ -279,11 +304,13 @@ run_pgbench() {
 		END {printf "%s %s %s\n", tps, lat, (failed == "" ? 0 : failed)}' "$out"
 }
 
-# gen_lifecycles EVENTS: append EVENTS events (complete lifecycles: create,
-# start, complete = 4 events per task) in chunks of CHUNK_EVENTS, from two
-# sessions in parallel, printing progress.  Returns when all committed.
+# gen_lifecycles EVENTS [SCHEMA]: append EVENTS events (complete lifecycles:
+# create, start, complete = 4 events per task) in chunks of CHUNK_EVENTS, from
+# two sessions in parallel, printing progress.  Returns when all committed.
+# SCHEMA task_events (the default) writes to the extension, bench_pgq to PgQ.
 gen_lifecycles() {
-	local events=$1 tasks chunks per i s pids=() t0 last=0
+	local events=$1 schema=${2:-task_events} db=$EXT_DB tasks chunks per i s pids=() t0 last=0
+	[[ $schema == task_events ]] || db=$BASE_DB
 	tasks=$(((events + 3) / 4))
 	chunks=$(((tasks * 4 + CHUNK_EVENTS - 1) / CHUNK_EVENTS))
 	t0=$(now_s)
@@ -295,11 +322,11 @@ gen_lifecycles() {
 				remaining=$((tasks - (2 * i + s) * n))
 				((remaining < n)) && n=$remaining
 				((n > 0)) || break
-				echo "SELECT count(*) FROM (SELECT task_events.complete_task((task_events.update_status(
-					(task_events.create_task(((g % 1000) + 1)::text, 'Benchmark task',
+				echo "SELECT count(*) FROM (SELECT $schema.complete_task(($schema.update_status(
+					($schema.create_task(((g % 1000) + 1)::text, 'Benchmark task',
 					'A task created by the benchmark')).task_id, 'in_progress')).task_id)
 					FROM pg_catalog.generate_series(1, $n) AS g) AS s;"
-			done | "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -d "$EXT_DB" >/dev/null
+			done | "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -d "$db" >/dev/null
 		) &
 		pids+=($!)
 	done
@@ -312,8 +339,12 @@ gen_lifecycles() {
 		sleep 1
 		if (($(date +%s) - last >= 15)); then
 			last=$(date +%s)
-			log "  log at $(max_seq) events, slowest handler at $(q "$EXT_DB" \
-				'SELECT coalesce(min(last_seq), 0) FROM task_events.handler_state') ($(elapsed "$t0") s)"
+			if [[ $schema == task_events ]]; then
+				log "  log at $(max_seq) events, slowest handler at $(q "$EXT_DB" \
+					'SELECT coalesce(min(last_seq), 0) FROM task_events.handler_state') ($(elapsed "$t0") s)"
+			else
+				log "  queue at $(pgq_events) events ($(elapsed "$t0") s)"
+			fi
 		fi
 	done
 	for p in "${pids[@]}"; do
@@ -346,6 +377,151 @@ worker_memory() {
 	done
 }
 
+# ---------------------------------------------------------------- PgQ
+# The PgQ variant (bench/pgq_baseline.sql, in $BASE_DB): the writers put the
+# envelopes into the queue task_events; pgqd, the ticker daemon, cuts the
+# queue into batches ("ticks"); three PL/pgSQL consumers, one psql each,
+# run bench_pgq.run_consumer: next_batch, get_batch_events, the handler's
+# INSERTs, finish_batch, COMMIT, and a sleep of PGQ_IDLE_SLEEP when there
+# was no batch.  pgqd and the consumers run only during a PgQ measurement:
+# pgq_start before it, pgq_stop after it (and on exit).
+#
+# pgqd's settings, and why:
+#   ticker_period   0.1 s instead of 1 s: a tick every 0.1 s under load, so a
+#                   batch holds the events of 0.1 s and an event waits 0.05 s
+#                   on average for its tick; the queue's ticker_max_lag is
+#                   half of it (pgq_reset), so every ticker call that finds
+#                   new events ticks (BENCHMARKS.md, "PgQ")
+#   database_list   only $BASE_DB: pgqd ticks nothing else
+#   base_connstr    this server's socket directory and port, explicitly (pgqd
+#                   is Debian's binary: nothing else would point it here)
+#   maint_period, check_period, retry_period: the defaults (120, 60, 30 s)
+cat >"$WORK/pgqd.ini" <<EOF
+[pgqd]
+logfile = $RAW/pgqd.log
+syslog = 0
+base_connstr = host='$PGHOST' port=$PGPORT user=$PGUSER
+initial_database = $BASE_DB
+database_list = $BASE_DB
+ticker_period = $PGQ_TICKER_PERIOD
+EOF
+
+# The server's clock, for comparisons with PgQ's tick times.
+server_now() { q "$BASE_DB" 'SELECT clock_timestamp()'; }
+
+# The events written to the queue (the envelopes' seq).
+pgq_events() { q "$BASE_DB" 'SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bench_pgq.event_seq'; }
+
+# An empty queue, its three consumers registered, empty PgQ tables.
+pgq_reset() {
+	pgq_stop
+	q "$BASE_DB" "SELECT bench_pgq.reset_queue(($PGQ_TICKER_PERIOD * interval '1 s') / 2)" >/dev/null
+}
+
+# Is this background process of the bench still running?  Asks bash's job
+# table, so that a process id the system has reused is never taken for ours.
+running() { jobs -pr | grep -qx "$1"; }
+
+# Start pgqd and wait until it has called the ticker in $BASE_DB.
+pgq_start_ticker() {
+	local i since
+	since=$(server_now) # not the backend of a pgqd stopped just before
+	"$PGQD" -q "$WORK/pgqd.ini" >>"$RAW/pgqd.out" 2>&1 &
+	PGQD_PID=$!
+	for i in $(seq 1 100); do
+		[[ $(q "$BASE_DB" "SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND query LIKE '%pgq.ticker()%'
+				AND pid <> pg_backend_pid() AND backend_start > '$since'") -ge 1 ]] && return 0
+		running "$PGQD_PID" || break
+		sleep 0.1
+	done
+	cat "$RAW/pgqd.log" "$RAW/pgqd.out" >&2 2>/dev/null || true
+	die "pgqd did not start ticking in $BASE_DB"
+}
+
+# Start the three consumers and wait until they are connected.
+pgq_start_consumers() {
+	local c i since
+	since=$(server_now)
+	for c in notification analytics audit; do
+		PGAPPNAME=bench_pgq_$c "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$BASE_DB" \
+			-c "CALL bench_pgq.run_consumer('$c', $PGQ_IDLE_SLEEP)" >>"$RAW/pgq_consumer_$c.out" 2>&1 &
+		PGQ_CONSUMER_PIDS+=($!)
+	done
+	for i in $(seq 1 100); do
+		[[ $(q "$BASE_DB" "SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND application_name LIKE 'bench\_pgq\_%'
+				AND backend_start > '$since'") -ge 3 ]] && return 0
+		pgq_check_consumers
+		sleep 0.1
+	done
+	die "the PgQ consumers did not connect to $BASE_DB"
+}
+
+pgq_start() {
+	pgq_start_ticker
+	pgq_start_consumers
+}
+
+# Die if a consumer has exited: it runs until pgq_stop, so it failed.  (In
+# a subshell, bash's job table is a copy: kill -0 sees the exit there.)
+pgq_check_consumers() {
+	local p
+	for p in "${PGQ_CONSUMER_PIDS[@]}"; do
+		if ! running "$p" || ! kill -0 "$p" 2>/dev/null; then
+			cat "$RAW"/pgq_consumer_*.out >&2
+			die "a PgQ consumer exited"
+		fi
+	done
+}
+
+# Stop the consumers (each returns after its round) and pgqd (SIGINT, its
+# stop signal).  Returns non-zero if a consumer failed or had to be killed.
+pgq_stop() {
+	local p i rc=0
+	if ((${#PGQ_CONSUMER_PIDS[@]} > 0)); then
+		q "$BASE_DB" 'UPDATE bench_pgq.consumer_control SET stop = true' >/dev/null || true
+		for p in "${PGQ_CONSUMER_PIDS[@]}"; do
+			for i in $(seq 1 300); do
+				running "$p" || break
+				sleep 0.1
+			done
+			if running "$p"; then
+				kill "$p"
+				rc=1
+			fi
+			wait "$p" || rc=1
+		done
+		PGQ_CONSUMER_PIDS=()
+		if ((rc != 0)); then
+			cat "$RAW"/pgq_consumer_*.out >&2
+			echo "bench: a PgQ consumer failed or did not stop" >&2
+		fi
+	fi
+	if [[ -n $PGQD_PID ]]; then
+		if running "$PGQD_PID"; then
+			kill -INT "$PGQD_PID"
+		fi
+		wait "$PGQD_PID" 2>/dev/null || true
+		PGQD_PID=
+	fi
+	return "$rc"
+}
+
+# pgq_catch_up AT: wait until every consumer has handled every event
+# committed before AT (a server timestamp taken after the writers stopped);
+# print the seconds it took.  Returns 1 after CATCHUP_TIMEOUT.
+pgq_catch_up() {
+	local at=$1 t0
+	t0=$(now_s)
+	while [[ $(q "$BASE_DB" "SELECT bench_pgq.caught_up('$at')") != t ]]; do
+		pgq_check_consumers
+		timed_out "$t0" && return 1
+		sleep 0.1
+	done
+	elapsed "$t0"
+}
+
 # Every CSV file starts with its header only, so that the report also works
 # for a run of some parts (BENCH_PARTS).
 init_csv() {
@@ -364,10 +540,10 @@ init_csv() {
 
 # ---------------------------------------------------------------- part 1
 part_throughput() {
-	local workload clients variant tag r tps lat failed events behind_end catchup mode per_event notes
+	local workload clients variant tag r tps lat failed events behind_end catchup mode per_event notes at
 	for workload in create_task lifecycle; do
 		for clients in $CLIENTS; do
-			for variant in ext_commit ext_relay ext_off plpgsql_notify plpgsql_nonotify ceiling_write ceiling_pipeline; do
+			for variant in ext_commit ext_relay ext_off plpgsql_notify plpgsql_nonotify pgq ceiling_write ceiling_pipeline; do
 				tag=${workload}_${variant}_c$clients
 				behind_end='' catchup='' notes=''
 				case $variant in
@@ -395,6 +571,22 @@ part_throughput() {
 					r=$(PGOPTIONS=$opts run_pgbench "$tag" "$BASE_DB" "$workload.pgbench" "$clients" "$SECONDS_RUN")
 					events=$(q "$BASE_DB" 'SELECT count(*) FROM plpgsql_impl.events')
 					;;
+				pgq)
+					# Consumers that do not keep up are reported (notes), not fatal.
+					pgq_reset
+					psql -d "$BASE_DB" -c CHECKPOINT
+					pgq_start
+					r=$(run_pgbench "$tag" "$BASE_DB" "pgq_$workload.pgbench" "$clients" "$SECONDS_RUN")
+					at=$(server_now)
+					behind_end=$(q "$BASE_DB" 'SELECT bench_pgq.events_behind()')
+					if ! catchup=$(pgq_catch_up "$at"); then
+						catchup=''
+						notes="the PgQ consumers did not catch up within ${CATCHUP_TIMEOUT}s"
+						log "$tag: $notes"
+					fi
+					pgq_stop || die "a PgQ consumer failed: $tag"
+					events=$(pgq_events)
+					;;
 				ceiling_*)
 					reset_baseline
 					psql -d "$BASE_DB" -c CHECKPOINT
@@ -406,7 +598,7 @@ part_throughput() {
 				per_event=$(awk -v e="$events" -v s="$SECONDS_RUN" 'BEGIN {printf "%.1f", e / s}')
 				echo "$workload,$variant,$clients,$SECONDS_RUN,$tps,$per_event,$lat,$failed,$events,$behind_end,$catchup,$notes" \
 					>>"$OUT/throughput.csv"
-				log "$tag: $tps tps, $per_event events/s${behind_end:+, $behind_end events behind at the end, caught up in ${catchup}s}"
+				log "$tag: $tps tps, $per_event events/s${behind_end:+, $behind_end events behind at the end}${catchup:+, caught up in ${catchup}s}"
 			done
 		done
 	done
@@ -436,6 +628,29 @@ part_latency() {
 		echo "$mode,$MAIN_CLIENTS,$RATE,$SECONDS_RUN,$achieved,$events,$p50,$p99,$max,$lat,$slag" >>"$OUT/latency.csv"
 		log "latency $mode: $achieved events/s, commit -> audit row p50 $p50 ms, p99 $p99 ms, max $max ms"
 	done
+	part_latency_pgq
+}
+
+# The same for PgQ: pgqd ticking, the consumers running; ev_txid in the
+# queue's tables is the writer's transaction.
+part_latency_pgq() {
+	local r tps lat failed stats events p50 p99 max achieved slag
+	pgq_reset
+	psql -d "$BASE_DB" -c CHECKPOINT
+	pgq_start
+	r=$(run_pgbench latency_pgq "$BASE_DB" pgq_create_task.pgbench "$MAIN_CLIENTS" "$SECONDS_RUN" --rate "$RATE")
+	read -r tps lat failed <<<"$r"
+	pgq_catch_up "$(server_now)" >/dev/null ||
+		die "the PgQ consumers did not catch up within ${CATCHUP_TIMEOUT}s (latency)"
+	pgq_stop || die "a PgQ consumer failed (latency)"
+	stats=$(q "$BASE_DB" "SELECT count(*), round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3),
+			round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 3), round(max(ms)::numeric, 3)
+		FROM bench_pgq.commit_to_audit_ms() AS ms" | tr '|' ' ')
+	read -r events p50 p99 max <<<"$stats"
+	achieved=$(awk -v e="$events" -v s="$SECONDS_RUN" 'BEGIN {printf "%.1f", e / s}')
+	slag=$(awk '/^rate limit schedule lag: avg/ {print $6}' "$RAW/latency_pgq.txt")
+	echo "pgq,$MAIN_CLIENTS,$RATE,$SECONDS_RUN,$achieved,$events,$p50,$p99,$max,$lat,$slag" >>"$OUT/latency.csv"
+	log "latency pgq: $achieved events/s, commit -> audit row p50 $p50 ms, p99 $p99 ms, max $max ms"
 }
 
 # ---------------------------------------------------------------- part 4
@@ -532,6 +747,7 @@ part_drain_and_log() {
 			ORDER BY a.handler" | tr '|' ',' >>"$OUT/drain_handlers.csv"
 		worker_memory after_drain
 		log "drain: $n events through $handlers handlers in ${drain_s}s"
+		part_drain_pgq
 	fi
 
 	# Part 6: fill the log, handlers running, then measure again.
@@ -557,6 +773,38 @@ part_drain_and_log() {
 		catch_up >/dev/null
 		worker_memory after_log_fill
 	fi
+}
+
+# The drain for PgQ: a backlog of the same size written with pgqd ticking
+# and the consumers stopped (the ticks made while it was written are its
+# batches), then the consumers started and timed until they have handled
+# every event.
+part_drain_pgq() {
+	local t0 gen_s at drain_s n
+	pgq_reset
+	pgq_start_ticker
+	log "drain (PgQ): writing a backlog of $DRAIN_EVENTS events (consumers stopped)"
+	t0=$(now_s)
+	gen_lifecycles "$DRAIN_EVENTS" bench_pgq
+	gen_s=$(elapsed "$t0")
+	n=$(pgq_events)
+	# A tick after the last commit, so that the backlog is all in batches.
+	at=$(server_now)
+	t0=$(now_s)
+	while [[ $(q "$BASE_DB" "SELECT bench_pgq.ticked_after('$at')") != t ]]; do
+		timed_out "$t0" && die "pgqd did not tick within ${CATCHUP_TIMEOUT}s"
+		sleep 0.1
+	done
+	psql -d "$BASE_DB" -c CHECKPOINT
+	log "drain (PgQ): $n events written in ${gen_s}s; starting the 3 consumers"
+	t0=$(now_s)
+	pgq_start_consumers
+	pgq_catch_up "$at" >/dev/null || die "the PgQ consumers did not drain the backlog within ${CATCHUP_TIMEOUT}s"
+	drain_s=$(elapsed "$t0")
+	pgq_stop || die "a PgQ consumer failed (drain)"
+	echo "$n,3,pgq,$gen_s,$drain_s,$(awk -v n="$n" -v s="$drain_s" 'BEGIN {printf "%.0f", n / s}'),$(awk -v n="$n" -v s="$drain_s" 'BEGIN {printf "%.0f", n * 3 / s}')" \
+		>>"$OUT/drain.csv"
+	log "drain (PgQ): $n events through 3 consumers in ${drain_s}s"
 }
 
 # ---------------------------------------------------------------- run

@@ -15,9 +15,9 @@ set key top left font 'sans,9'
 set ylabel 'transactions/s (pgbench)'
 set xlabel 'clients'
 set yrange [0:*]
-variants = 'ext_commit ext_relay ext_off plpgsql_notify plpgsql_nonotify ceiling_write ceiling_pipeline'
-titles = 'ext-commit ext-relay ext-off PL/pgSQL+NOTIFY PL/pgSQL ceiling-write ceiling-pipeline'
-# Extension: solid; PL/pgSQL: solid; ceilings: dashed.
+variants = 'ext_commit ext_relay ext_off plpgsql_notify plpgsql_nonotify ceiling_write ceiling_pipeline pgq'
+titles = 'ext-commit ext-relay ext-off PL/pgSQL+NOTIFY PL/pgSQL ceiling-write ceiling-pipeline PgQ'
+# Extension: solid; PL/pgSQL and PgQ: solid; ceilings: dashed.
 set linetype 1 lc rgb '#d62728' lw 2 pt 7
 set linetype 2 lc rgb '#2ca02c' lw 2 pt 7
 set linetype 3 lc rgb '#17becf' lw 2 pt 7
@@ -25,6 +25,7 @@ set linetype 4 lc rgb '#1f77b4' lw 2 pt 5
 set linetype 5 lc rgb '#9467bd' lw 2 pt 5
 set linetype 6 lc rgb '#7f7f7f' lw 2 pt 4 dt 2
 set linetype 7 lc rgb '#000000' lw 2 pt 4 dt 2
+set linetype 8 lc rgb '#ff7f0e' lw 2 pt 9
 sel(w, v) = (strcol(1) eq w && strcol(2) eq v && strcol(5) ne '') ? column(5) : NaN
 do for [w in 'create_task lifecycle'] {
 	set title (w eq 'create_task' ? 'create\_task (1 transaction, 1 event)' : 'lifecycle: create, start, complete (3 transactions, 4 events)')

@@ -2,7 +2,7 @@
  * report.sql: the comparison report of a bench run, as Markdown, from the
  * CSV files in the current directory (bench.sh runs it there with psql
  * -v main_clients=N -v drain_target=N).  Ratios are against the PL/pgSQL baseline (with
- * NOTIFY) and the two ceilings measured in the same run.
+ * NOTIFY), PgQ and the two ceilings measured in the same run.
  */
 \pset format unaligned
 \pset tuples_only on
@@ -41,8 +41,9 @@ INSERT INTO variants VALUES
 	('ext_off', 3, 'extension, notify_mode off'),
 	('plpgsql_notify', 4, 'PL/pgSQL + triggers, NOTIFY (baseline)'),
 	('plpgsql_nonotify', 5, 'PL/pgSQL + triggers, no NOTIFY'),
-	('ceiling_write', 6, 'write ceiling (task + event rows)'),
-	('ceiling_pipeline', 7, 'pipeline ceiling (+ handler rows)');
+	('pgq', 6, 'PgQ: insert_event, pgqd, 3 PL/pgSQL consumers'),
+	('ceiling_write', 7, 'write ceiling (task + event rows)'),
+	('ceiling_pipeline', 8, 'pipeline ceiling (+ handler rows)');
 
 CREATE TEMP TABLE client_counts AS SELECT DISTINCT clients FROM throughput ORDER BY clients;
 
@@ -65,13 +66,13 @@ CREATE FUNCTION pg_temp.tps(w text, v text, c int) RETURNS float8
 \qecho 'rate, then its ratio to the PL/pgSQL baseline with NOTIFY at the same client count.'
 \qecho
 
-SELECT format(E'### %s\n\n| variant | %s | × pipeline ceiling @%s | × write ceiling @%s |\n|---|%s---|---|',
+SELECT format(E'### %s\n\n| variant | %s | × pipeline ceiling @%s | × write ceiling @%s | × PgQ @%s |\n|---|%s---|---|---|',
 			  w.workload,
 			  (SELECT string_agg(clients || CASE WHEN clients = 1 THEN ' client' ELSE ' clients' END, ' | ' ORDER BY clients) FROM client_counts),
-			  :main_clients, :main_clients,
+			  :main_clients, :main_clients, :main_clients,
 			  (SELECT string_agg('---|', '' ORDER BY clients) FROM client_counts))
 	   || E'\n' ||
-	   (SELECT string_agg(format('| %s | %s | %s | %s |', v.label,
+	   (SELECT string_agg(format('| %s | %s | %s | %s | %s |', v.label,
 				(SELECT string_agg(CASE WHEN pg_temp.tps(w.workload, v.variant, cc.clients) IS NULL THEN 'n/a'
 						ELSE pg_temp.num(pg_temp.tps(w.workload, v.variant, cc.clients)) || ' (' ||
 							 pg_temp.ratio(pg_temp.tps(w.workload, v.variant, cc.clients),
@@ -80,7 +81,9 @@ SELECT format(E'### %s\n\n| variant | %s | × pipeline ceiling @%s | × write ce
 				pg_temp.ratio(pg_temp.tps(w.workload, v.variant, :main_clients),
 							  pg_temp.tps(w.workload, 'ceiling_pipeline', :main_clients)),
 				pg_temp.ratio(pg_temp.tps(w.workload, v.variant, :main_clients),
-							  pg_temp.tps(w.workload, 'ceiling_write', :main_clients))),
+							  pg_temp.tps(w.workload, 'ceiling_write', :main_clients)),
+				pg_temp.ratio(pg_temp.tps(w.workload, v.variant, :main_clients),
+							  pg_temp.tps(w.workload, 'pgq', :main_clients))),
 			E'\n' ORDER BY v.ord)
 		FROM variants v)
 	   || E'\n'
@@ -89,26 +92,33 @@ ORDER BY w.workload;
 
 \qecho '### Did the workers keep up?'
 \qecho
-\qecho 'Extension runs: events written per second, events not yet handled when pgbench'
-\qecho 'stopped, and the seconds the workers then took to catch up.'
+\qecho 'Extension and PgQ runs: events written per second, events not yet handled when'
+\qecho 'pgbench stopped (PgQ: summed over its consumers from the queue''s event id sequence,'
+\qecho 'approximate), and the seconds the workers or consumers then took to catch up.'
 \qecho
-\qecho '| workload | variant | clients | events/s | behind at end | catch-up (s) |'
-\qecho '|---|---|---|---|---|---|'
-SELECT format('| %s | %s | %s | %s | %s | %s |', t.workload, v.label, t.clients,
-			  pg_temp.num(t.events_per_s), pg_temp.num(t.behind_at_end), pg_temp.num(t.catchup_s, 2))
+\qecho '| workload | variant | clients | events/s | behind at end | catch-up (s) | notes |'
+\qecho '|---|---|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s | %s | %s |', t.workload, v.label, t.clients,
+			  pg_temp.num(t.events_per_s), pg_temp.num(t.behind_at_end), pg_temp.num(t.catchup_s, 2),
+			  coalesce(t.notes, ''))
 FROM throughput t JOIN variants v USING (variant)
-WHERE t.variant LIKE 'ext%' AND t.tps IS NOT NULL
+WHERE (t.variant LIKE 'ext%' OR t.variant = 'pgq') AND t.tps IS NOT NULL
 ORDER BY t.workload, v.ord, t.clients;
 \qecho
 
 \qecho '## Drain of a backlog'
 \qecho
-\qecho '| events | handlers | notify_mode | written in (s) | drained in (s) | events/s | handler-events/s |'
+\qecho 'The extension: handlers disabled while the backlog is written, then enabled. PgQ:'
+\qecho 'pgqd ticking and the consumers stopped while it is written, then the three'
+\qecho 'consumers started.'
+\qecho
+\qecho '| variant | events | handlers | written in (s) | drained in (s) | events/s | handler-events/s |'
 \qecho '|---|---|---|---|---|---|---|'
-SELECT format('| %s | %s | %s | %s | %s | %s | %s |', pg_temp.num(events), handlers, mode,
-			  pg_temp.num(generate_s, 1), pg_temp.num(drain_s, 1), pg_temp.num(events_per_s),
-			  pg_temp.num(handler_events_per_s))
-FROM drain;
+SELECT format('| %s | %s | %s | %s | %s | %s | %s |',
+			  CASE WHEN mode = 'pgq' THEN 'PgQ' ELSE 'extension, notify_mode ' || mode END,
+			  pg_temp.num(events), handlers, pg_temp.num(generate_s, 1), pg_temp.num(drain_s, 1),
+			  pg_temp.num(events_per_s), pg_temp.num(handler_events_per_s))
+FROM drain ORDER BY mode = 'pgq';
 \qecho
 \qecho '| handler | processed | batches | mean batch (ms) | max batch (ms) |'
 \qecho '|---|---|---|---|---|'
@@ -120,14 +130,15 @@ FROM drain_handlers ORDER BY handler;
 \qecho '## Latency from commit to the audit row'
 \qecho
 \qecho '`audit_log.recorded_at - pg_xact_commit_timestamp(events.xact_id)`, for every event'
-\qecho 'of a `create_task` run paced with `pgbench --rate`.'
+\qecho 'of a `create_task` run paced with `pgbench --rate` (PgQ: the `ev_txid` of the event'
+\qecho 'in the queue''s tables instead of `events.xact_id`).'
 \qecho
-\qecho '| notify_mode | clients | target events/s | achieved events/s | p50 (ms) | p99 (ms) | max (ms) | client latency (ms) | schedule lag (ms) |'
+\qecho '| notify_mode / variant | clients | target events/s | achieved events/s | p50 (ms) | p99 (ms) | max (ms) | client latency (ms) | schedule lag (ms) |'
 \qecho '|---|---|---|---|---|---|---|---|---|'
 SELECT format('| %s | %s | %s | %s | %s | %s | %s | %s | %s |', mode, clients, rate_target,
 			  pg_temp.num(rate_achieved), pg_temp.num(p50_ms, 2), pg_temp.num(p99_ms, 2),
 			  pg_temp.num(max_ms, 2), pg_temp.num(client_latency_ms, 2), pg_temp.num(schedule_lag_ms, 2))
-FROM latency ORDER BY array_position(ARRAY['commit', 'relay', 'off'], mode);
+FROM latency ORDER BY array_position(ARRAY['commit', 'relay', 'off', 'pgq'], mode);
 \qecho
 
 \qecho '## Handler lag at the maximum write rate'
@@ -185,6 +196,21 @@ SELECT format('%s: relay workers keep up (%s clients; caught up within max(1 s, 
 	   (SELECT catchup_s <= greatest(1, 0.1 * seconds) FROM throughput
 		WHERE workload = w AND variant = 'ext_relay' AND clients = :main_clients)
 FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
+/* Issue 14: PgQ doing the same work, its consumers keeping up. */
+INSERT INTO targets (target, measured, met)
+SELECT format('%s: relay >= 1.5x PgQ (%s clients)', w, :main_clients),
+	   pg_temp.ratio(pg_temp.tps(w, 'ext_relay', :main_clients), pg_temp.tps(w, 'pgq', :main_clients)),
+	   pg_temp.tps(w, 'ext_relay', :main_clients) >= 1.5 * pg_temp.tps(w, 'pgq', :main_clients)
+FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
+INSERT INTO targets (target, measured, met)
+SELECT format('%s: PgQ consumers keep up (%s clients; caught up within max(1 s, 10%% of the run))', w, :main_clients),
+	   (SELECT CASE WHEN catchup_s IS NULL THEN notes
+					ELSE format('%s behind at end, caught up in %s s', pg_temp.num(behind_at_end),
+								pg_temp.num(catchup_s, 2)) END
+		FROM throughput WHERE workload = w AND variant = 'pgq' AND clients = :main_clients),
+	   (SELECT catchup_s IS NOT NULL AND catchup_s <= greatest(1, 0.1 * seconds) FROM throughput
+		WHERE workload = w AND variant = 'pgq' AND clients = :main_clients)
+FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
 INSERT INTO targets (target, measured, met)
 SELECT format('%s: commit >= 1.2x PL/pgSQL (%s clients)', w, :main_clients),
 	   pg_temp.ratio(pg_temp.tps(w, 'ext_commit', :main_clients), pg_temp.tps(w, 'plpgsql_notify', :main_clients)),
@@ -192,14 +218,14 @@ SELECT format('%s: commit >= 1.2x PL/pgSQL (%s clients)', w, :main_clients),
 FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
 INSERT INTO targets (target, measured, met)
 SELECT format('drain >= %s events/s', pg_temp.num(:drain_target)),
-	   (SELECT pg_temp.num(events_per_s) || ' events/s' FROM drain),
-	   (SELECT events_per_s >= :drain_target FROM drain);
+	   (SELECT pg_temp.num(events_per_s) || ' events/s' FROM drain WHERE mode <> 'pgq'),
+	   (SELECT events_per_s >= :drain_target FROM drain WHERE mode <> 'pgq');
 INSERT INTO targets (target, measured, met)
 SELECT format('latency at %s events/s (%s): p50 <= 2 ms, p99 <= 10 ms', rate_target, mode),
 	   format('p50 %s ms, p99 %s ms (achieved %s events/s)', pg_temp.num(p50_ms, 2), pg_temp.num(p99_ms, 2),
 			  pg_temp.num(rate_achieved)),
 	   p50_ms <= 2 AND p99_ms <= 10 AND rate_achieved >= 0.9 * rate_target
-FROM latency ORDER BY array_position(ARRAY['relay', 'commit', 'off'], mode);
+FROM latency WHERE mode <> 'pgq' ORDER BY array_position(ARRAY['relay', 'commit', 'off'], mode);
 INSERT INTO targets (target, measured, met)
 SELECT format('lag bounded at max write rate (%s)', mode),
 	   format('%s events/s written, max %s behind, growth %s events/s', pg_temp.num(write_events_per_s),

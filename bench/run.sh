@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The task_events benchmark, full run: sudo bench/run.sh
 #
-# Installs what is missing (PostgreSQL 15 and build tools through
+# Installs what is missing (PostgreSQL 15, build tools, PgQ and pgqd through
 # scripts/install-deps.sh, gnuplot-nox for the plot), builds and installs the
 # extension, then runs bench/bench.sh: one throwaway server, every
 # measurement of issue 4, a comparison table on stdout, and in bench/results/

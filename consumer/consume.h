@@ -11,7 +11,8 @@
  *	connection.c			connecting, reconnecting with backoff, waiting for
  *							a wake-up (LISTEN) or the fallback poll; the log
  *	subscription_api.c		the SQL API calls: read_batch (with each event's
- *							envelope), ack_batch, nack_batch, the lane's
+ *							envelope), ack_batch, nack_batch,
+ *							dead_letter_event, the lane's
  *							attempts, the lag
  *	deliver_jsonl.c, deliver_exec.c, deliver_post.c	the three modes
  *	progress.c				the --progress status line
@@ -94,6 +95,8 @@ typedef struct DeliveryResult
 	DeliveryOutcome outcome;
 	int			failed_at;		/* FAILED: index of the failed event, -1: all */
 	bool		transient;		/* FAILED: worth retrying as is (--post) */
+	bool		permanent;		/* FAILED: retrying cannot mend it (--post,
+								 * a 4xx answer): dead-letter it at once */
 	int			delivered;		/* events delivered (before failed_at) */
 	char		error[512];		/* FAILED, LEFT, FATAL: why, one line */
 } DeliveryResult;
@@ -144,6 +147,9 @@ extern ApiResult te_ack_batch(PGconn *conn, const char *subscription,
 extern ApiResult te_nack_batch(PGconn *conn, const char *subscription,
 							   int64_t batch_id, const char *failed_event_id,
 							   const char *message, char *error, int errlen);
+extern ApiResult te_dead_letter_event(PGconn *conn, const char *subscription,
+									  int64_t batch_id, const char *event_id,
+									  const char *message, char *error, int errlen);
 extern ApiResult te_max_attempts(PGconn *conn, int *max_attempts,
 								 char *error, int errlen);
 extern ApiResult te_lane_attempts(PGconn *conn, const char *subscription,

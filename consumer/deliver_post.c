@@ -12,8 +12,9 @@
  * backoff (0.25 s doubling to 30 s, or the Retry-After the server sent),
  * for as long as the batch's lease allows; then the loop settles the batch
  * (task_events_consume.c).  Any other answer (4xx, a redirect, which is not
- * followed) fails that event's attempt at once, with the status and the
- * start of the body as the error.
+ * followed) is permanent: the event goes to the dead letters at once
+ * (dead_letter_event), with the status and the start of the body as the
+ * error.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -246,6 +247,7 @@ te_deliver_post(const ConsumeOptions *opts, const ConsumeBatch *batch,
 			{
 				result->outcome = FAILED;
 				result->transient = false;
+				result->permanent = true;
 				return;
 			}
 			if (!te_failing)

@@ -197,6 +197,26 @@ te_nack_batch(PGconn *conn, const char *subscription, int64_t batch_id,
 	return r;
 }
 
+/* dead_letter_event: the event goes to the dead letters at once. */
+ApiResult
+te_dead_letter_event(PGconn *conn, const char *subscription, int64_t batch_id,
+					 const char *event_id, const char *message,
+					 char *error, int errlen)
+{
+	char		id[32];
+	const char *params[4] = {subscription, id, event_id, message};
+	PGresult   *res;
+	ApiResult	r;
+
+	snprintf(id, sizeof(id), "%lld", (long long) batch_id);
+	r = te_query(conn,
+				 "SELECT task_events.dead_letter_event($1, $2::pg_catalog.int8, $3::pg_catalog.uuid, $4)",
+				 4, params, &res, error, errlen);
+	if (r == API_OK)
+		PQclear(res);
+	return r;
+}
+
 /*
  * task_events.max_attempts as nack_batch will read it (same session, same
  * default).

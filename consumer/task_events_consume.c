@@ -23,12 +23,22 @@
 #define TE_POLL_INTERVAL 1.0	/* the fallback poll: at most once a second */
 #define TE_MAX_BACKOFF 30.0
 
-/* A settlement (ack or nack) not yet known to have reached the server. */
+/* How a batch is settled. */
+typedef enum SettleKind
+{
+	SETTLE_ACK,					/* ack_batch */
+	SETTLE_NACK,				/* nack_batch, at failed_event_id or whole */
+	SETTLE_DEAD_LETTER			/* dead_letter_event at failed_event_id */
+} SettleKind;
+
+static const char *const te_settled_as[] = {"acknowledged", "nacked", "dead-lettered"};
+
+/* A settlement not yet known to have reached the server. */
 typedef struct PendingSettle
 {
 	bool		active;
 	bool		resent;			/* sent again after a lost connection */
-	bool		ack;
+	SettleKind	kind;
 	int64_t		batch_id;
 	bool		has_event;
 	char		failed_event_id[64];
@@ -61,9 +71,13 @@ te_send_pending(PGconn **conn)
 	long		acked = 0;
 	ApiResult	r;
 
-	if (te_pending.ack)
+	if (te_pending.kind == SETTLE_ACK)
 		r = te_ack_batch(*conn, te_opts.subscription, te_pending.batch_id,
 						 &acked, error, sizeof(error));
+	else if (te_pending.kind == SETTLE_DEAD_LETTER)
+		r = te_dead_letter_event(*conn, te_opts.subscription, te_pending.batch_id,
+								 te_pending.failed_event_id, te_pending.message,
+								 error, sizeof(error));
 	else
 		r = te_nack_batch(*conn, te_opts.subscription, te_pending.batch_id,
 						  te_pending.has_event ? te_pending.failed_event_id : NULL,
@@ -84,7 +98,7 @@ te_send_pending(PGconn **conn)
 					   " then it is delivered again)", (long long) te_pending.batch_id);
 			else
 				te_log("batch %lld was not %s: %s", (long long) te_pending.batch_id,
-					   te_pending.ack ? "acknowledged" : "nacked", error);
+					   te_settled_as[te_pending.kind], error);
 			break;
 		case API_UNKNOWN_SUBSCRIPTION:
 			te_log("%s", error);
@@ -96,7 +110,7 @@ te_send_pending(PGconn **conn)
 			/* Left to its lease: the events are offered again when it ends. */
 			te_log("batch %lld could not be %s, its lease will expire: %s",
 				   (long long) te_pending.batch_id,
-				   te_pending.ack ? "acknowledged" : "nacked", error);
+				   te_settled_as[te_pending.kind], error);
 			break;
 	}
 	te_pending.active = false;
@@ -105,12 +119,12 @@ te_send_pending(PGconn **conn)
 
 /* Queue the settlement of a batch and send it. */
 static void
-te_settle(PGconn **conn, const ConsumeBatch *batch, bool ack, int failed_at,
+te_settle(PGconn **conn, const ConsumeBatch *batch, SettleKind kind, int failed_at,
 		  const char *message)
 {
 	memset(&te_pending, 0, sizeof(te_pending));
 	te_pending.active = true;
-	te_pending.ack = ack;
+	te_pending.kind = kind;
 	te_pending.batch_id = batch->batch_id;
 	if (failed_at >= 0)
 	{
@@ -167,6 +181,8 @@ te_last_attempt(PGconn **conn, const ConsumeBatch *batch, int max_attempts,
  *   batch starting there; unless max_attempts is 1); when none was
  *   delivered, the batch is left to its lease, so that an unreachable
  *   webhook never dead-letters events;
+ * - a permanent failure (--post, a 4xx answer): the events before it are
+ *   acknowledged and the event is dead-lettered at once (dead_letter_event);
  * - otherwise: nack at the failed event (or the whole batch).
  */
 static void
@@ -193,7 +209,7 @@ te_settle_failure(PGconn **conn, const ConsumeBatch *batch, DeliveryResult *resu
 		te_find_failing_event(&te_opts, batch, result);
 		if (result->outcome == DELIVERED)
 		{
-			te_settle(conn, batch, true, -1, "");
+			te_settle(conn, batch, SETTLE_ACK, -1, "");
 			te_progress_batch(batch, batch->n, false);
 			return;
 		}
@@ -221,7 +237,7 @@ te_settle_failure(PGconn **conn, const ConsumeBatch *batch, DeliveryResult *resu
 					 "delivered %d of %d events before the lease ran out: %s",
 					 result->failed_at, batch->n, result->error);
 			te_log("batch %lld: %s", (long long) batch->batch_id, message);
-			te_settle(conn, batch, false, result->failed_at, message);
+			te_settle(conn, batch, SETTLE_NACK, result->failed_at, message);
 		}
 		else
 			te_log("batch %lld left unacknowledged, to its lease: %s",
@@ -235,7 +251,8 @@ te_settle_failure(PGconn **conn, const ConsumeBatch *batch, DeliveryResult *resu
 	else
 		te_log("batch %lld (lane %d, %d events) failed: %s", (long long) batch->batch_id,
 			   batch->lane, batch->n, result->error);
-	te_settle(conn, batch, false, result->failed_at, result->error);
+	te_settle(conn, batch, result->permanent ? SETTLE_DEAD_LETTER : SETTLE_NACK,
+			  result->failed_at, result->error);
 }
 
 /* Deliver a batch in the chosen mode, then settle it. */
@@ -259,7 +276,7 @@ te_deliver(PGconn **conn, const ConsumeBatch *batch)
 	switch (result.outcome)
 	{
 		case DELIVERED:
-			te_settle(conn, batch, true, -1, "");
+			te_settle(conn, batch, SETTLE_ACK, -1, "");
 			te_progress_batch(batch, batch->n, false);
 			break;
 		case FAILED:

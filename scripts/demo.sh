@@ -2,6 +2,9 @@
 # Show task_events working: build and install it, start a throwaway server,
 # run scripts/demo.sql while a second client LISTENs on channel task_events,
 # then print what that client received.  Run as root (sudo scripts/demo.sh).
+# With --psql, end in an interactive psql on the throwaway server (database
+# postgres, where the extension is not created yet: the README's first
+# session); the server is removed when psql exits.
 #
 # Environment:
 #   TE_PRELOAD=0  start the server without shared_preload_libraries = 'task_events'
@@ -16,6 +19,16 @@ DEMO_SQL=$ROOT/scripts/demo.sql
 LISTENER_APP=task_events_demo_listener
 # The listener gives up after this many seconds even if the demo never ends.
 LISTEN_LIMIT=50
+
+OPEN_PSQL=0
+case ${1:-} in
+--psql) OPEN_PSQL=1 ;;
+"") ;;
+*)
+	echo "usage: scripts/demo.sh [--psql]" >&2
+	exit 2
+	;;
+esac
 
 if [[ $EUID -ne 0 ]]; then
 	echo "demo.sh: run as root (sudo scripts/demo.sh): it installs packages and the extension" >&2
@@ -44,7 +57,7 @@ pg_temp_chown "$TMP"
 
 conf=()
 if [[ ${TE_PRELOAD:-1} == 1 ]]; then
-	conf+=("shared_preload_libraries = 'task_events'" "task_events.database = '$DB'")
+	conf+=("shared_preload_libraries = 'task_events'")
 fi
 pg_temp_start "$TMP/data" "${conf[@]}"
 DATADIR=$PG_TEMP_DATADIR
@@ -138,4 +151,9 @@ fi
 if ((listener_rc != 0)); then
 	echo "demo.sh: the listening client failed (psql exit $listener_rc)" >&2
 	exit "$listener_rc"
+fi
+if ((OPEN_PSQL == 1)); then
+	echo
+	echo "==== psql on the demo's server (database postgres); \\q ends it and removes the server"
+	psql -d postgres || true
 fi

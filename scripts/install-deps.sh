@@ -4,8 +4,10 @@
 # everything never touches the network.
 #
 # Note: installing postgresql-15 may create and start a "main" cluster on port
-# 5432.  Nothing in scripts/ uses it: every test server is a throwaway one on
-# a unix socket in a temporary directory.
+# 5432, and installing prometheus and prometheus-postgres-exporter may start
+# their services on ports 9090 and 9187.  Nothing in scripts/ uses them: every
+# test server is a throwaway one on a unix socket in a temporary directory,
+# and test/t/029 runs its own exporter on a free port.
 set -euo pipefail
 
 PG_MAJOR=15
@@ -24,6 +26,10 @@ PACKAGES=(
 	libcurl4-openssl-dev                  # task_events_consume --post (HTTP)
 	libssl-dev                            # task_events_consume --post (HMAC-SHA256)
 	libhttp-daemon-perl                   # the webhook of test/t/028_consume.pl
+	prometheus-postgres-exporter          # scraped by test/t/029_prometheus.pl (contrib/prometheus/queries.yaml)
+	prometheus                            # promtool, checks contrib/prometheus/alerts.yml in test/t/029
+	"postgresql-$PG_MAJOR-pgq3"           # PgQ: the benchmark peer of bench/ (bench/pgq_baseline.sql)
+	pgqd                                  # PgQ's ticker daemon: the benchmark peer of bench/
 )
 
 if [[ $EUID -ne 0 ]]; then
@@ -53,13 +59,14 @@ fi
 # dblink ships inside postgresql-15 on Debian; fail here, not in the middle of
 # the pgTAP suite, if that ever changes.
 sharedir=/usr/share/postgresql/$PG_MAJOR/extension
-for ext in dblink pgtap; do
+for ext in dblink pgtap pgq; do
 	if [[ ! -f $sharedir/$ext.control ]]; then
 		echo "install-deps.sh: extension $ext not found in $sharedir after install" >&2
 		exit 1
 	fi
 done
-for tool in /usr/lib/postgresql/$PG_MAJOR/bin/pg_config /usr/bin/pg_prove /usr/bin/prove; do
+for tool in /usr/lib/postgresql/$PG_MAJOR/bin/pg_config /usr/bin/pg_prove /usr/bin/prove \
+	/usr/bin/prometheus-postgres-exporter /usr/bin/promtool /usr/bin/pgqd; do
 	if [[ ! -x $tool ]]; then
 		echo "install-deps.sh: $tool missing after install" >&2
 		exit 1

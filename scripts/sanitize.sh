@@ -47,8 +47,8 @@
 # Environment: TE_SAN_FLAGS overrides the compiler flags (see SAN_FLAGS);
 # TE_SAN_REQUIRE_ASAN=1 fails instead of falling back to UBSan only.
 #
-# Test.sh is reused from a copy of the tree; its PG_BIN and PGXS_DIR are
-# pointed at the private copy (see te_san_point_test_sh).
+# Test.sh is reused from a copy of the tree, pointed at the private copy
+# with TE_PG_BIN (see te_san_point_test_sh).
 # cleanup runs from the EXIT trap, which shellcheck cannot follow.
 # shellcheck disable=SC2317
 set -euo pipefail
@@ -169,19 +169,13 @@ EOF
 	fi
 }
 
-# Point a copy of test.sh at the private PostgreSQL.  The hook test.sh would
-# need to make this unnecessary: PG_BIN=${TE_PG_BIN:-/usr/lib/postgresql/15/bin}
-# and PGXS_DIR=${PG_BIN%/bin}/lib/pgxs.  When that hook is there, this does
-# nothing.
+# test.sh takes the PostgreSQL to test from TE_PG_BIN: check that its copy
+# still does, so that it cannot test the system-wide install instead.
 te_san_point_test_sh() {
 	local f=$1
-	if ! grep -q 'TE_PG_BIN' "$f"; then
-		sed -i -e "s|^PG_BIN=$SYS_PG/bin\$|PG_BIN=\${TE_PG_BIN:-$SYS_PG/bin}|" \
-			-e "s|^PGXS_DIR=$SYS_PG/lib/pgxs\$|PGXS_DIR=\${PG_BIN%/bin}/lib/pgxs|" "$f"
-	fi
 	# shellcheck disable=SC2016 # literal text to find, not expansions
-	if [[ $(grep -c -e '^PG_BIN=${TE_PG_BIN:-' -e '^PGXS_DIR=${PG_BIN%/bin}' "$f") -ne 2 ]]; then
-		echo "sanitize.sh: could not point $f at another PostgreSQL: its PG_BIN/PGXS_DIR lines changed" >&2
+	if ! grep -q '^PG_BIN=${TE_PG_BIN:-' "$f"; then
+		echo "sanitize.sh: $f does not take its PostgreSQL from TE_PG_BIN any more (its PG_BIN line changed)" >&2
 		return 1
 	fi
 }

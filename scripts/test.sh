@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Run every test suite of task_events: the single command README and CI use.
-# Run as root (sudo scripts/test.sh): it installs packages, installs the
-# extension, and runs the servers as the OS user postgres.
-#
-# Suites: build, pg_regress, isolation, pgTAP (test/pgtap/*.sql), TAP
-# (test/t/*.pl), the bench smoke run (bench/smoke.sh), then the same suites
-# and the fuzzer against a build with sanitizers (scripts/sanitize.sh) and
-# the static analysis (scripts/analyze.sh).  Every suite runs
+# Run as root (sudo scripts/test.sh): it installs packages (install-deps.sh),
+# builds and installs the extension, then runs the suites as the OS user
+# postgres in a copy of the tree under /tmp, through the standard targets
+# (docs/testing.md): make installcheck (pg_regress, isolation, TAP), make
+# pgtap, bench/smoke.sh, then scripts/sanitize.sh (the suites again on a
+# sanitized build, and the fuzzer) and scripts/analyze.sh.  Every suite runs
 # even when an earlier one failed, except that nothing runs against the
 # installed extension when the build failed (it would test a stale install).
 # Ends with a summary table; exits non-zero if any suite failed.
 #
 # Environment:
+#   TE_PG_BIN         the PostgreSQL to build against, install into and test
+#                     with (default /usr/lib/postgresql/15/bin); a private
+#                     copy for scripts/sanitize.sh and scripts/valgrind.sh
 #   TE_SUITE_TIMEOUT  time limit per suite, as for timeout(1) (default 20m)
 #   TE_KEEP_TMP=1     keep the temporary copy even when everything passed
 #   TE_ONLY           run only these suites after the build, e.g. "pgTAP TAP"
-#                     (names as in the summary: pg_regress isolation pgTAP TAP
-#                     bench-smoke sanitizers analysis)
+#                     (names as in the summary: package pg_regress isolation
+#                     pgTAP TAP bench-smoke sanitizers analysis)
 #   TE_TAP            run only the TAP files whose names match these globs,
 #                     e.g. "004* 01*" (for working on one test; CI sets neither)
 # The suites are called through run_suite, which shellcheck cannot follow.
@@ -24,23 +26,26 @@
 set -euo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+# scripts/valgrind.sh rewrites this line in its copy: keep it as it is.
 PG_BIN=${TE_PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_CONFIG=$PG_BIN/pg_config
-PGXS_DIR=${PG_BIN%/bin}/lib/pgxs
 SUITE_TIMEOUT=${TE_SUITE_TIMEOUT:-20m}
-SKIP=77 # a suite's exit status for "nothing to run"
+
+# The suites, in the order they run: "name:function".  BEFORE_BUILD run as
+# root on the source tree before the build; AFTER_BUILD in the copy, after
+# a successful build and install.  To add one, write its function below and
+# add it to one list; TE_ONLY selects among all of them.
+BEFORE_BUILD=(package:suite_package)
+AFTER_BUILD=(pg_regress:suite_regress isolation:suite_isolation pgTAP:suite_pgtap TAP:suite_tap
+	bench-smoke:suite_bench sanitizers:suite_sanitize analysis:suite_analyze)
 
 if [[ $EUID -ne 0 ]]; then
 	echo "test.sh: run as root (sudo scripts/test.sh): it installs packages and the extension" >&2
+	echo "test.sh: as another user, run the suites with make installcheck and make pgtap (docs/testing.md)" >&2
 	exit 1
 fi
 
 bash "$ROOT/scripts/install-deps.sh"
-
-# The throwaway servers (pgTAP) run the same binaries as the other suites.
-PG_TEMP_BIN=${PG_TEMP_BIN:-$PG_BIN}
-# shellcheck source=scripts/pg-temp.sh
-. "$ROOT/scripts/pg-temp.sh"
 
 # The copy the suites run in: postgres cannot read a clone under /root.
 WORK=$(mktemp -d /tmp/task_events_test.XXXXXX)
@@ -64,7 +69,7 @@ banner() {
 }
 
 # run_suite NAME FUNCTION: run the suite in a subshell with errexit on, so any
-# failing command fails the suite but not this script.  Exit status 77 = SKIP.
+# failing command fails the suite but not this script.
 run_suite() {
 	local name=$1 rc
 	shift
@@ -78,31 +83,29 @@ run_suite() {
 	set -e
 	case $rc in
 	0) SUITE_RESULTS+=(PASS) ;;
-	"$SKIP") SUITE_RESULTS+=(SKIP) ;;
-	124 | 137)
-		SUITE_RESULTS+=("FAIL (timed out after $SUITE_TIMEOUT)")
-		FAILED=1
-		;;
-	*)
-		SUITE_RESULTS+=("FAIL (exit $rc)")
-		FAILED=1
-		;;
+	77) SUITE_RESULTS+=(SKIP) ;; # nothing to run here (said why)
+	124 | 137) SUITE_RESULTS+=("FAIL (timed out after $SUITE_TIMEOUT)") ;;
+	*) SUITE_RESULTS+=("FAIL (exit $rc)") ;;
 	esac
+	((rc == 0 || rc == 77)) || FAILED=1
 	SUITE_NAMES+=("$name")
 	echo "---- $name: ${SUITE_RESULTS[-1]}"
 }
 
-not_run() {
-	SUITE_NAMES+=("$1")
-	SUITE_RESULTS+=("FAIL (not run: $2)")
-	FAILED=1
+selected() {
+	[[ -z ${TE_ONLY:-} || " $TE_ONLY " == *" $1 "* ]]
 }
 
-# Run a command as postgres in the copy, with PostgreSQL 15's tools first on
-# PATH and a time limit (timeout signals the whole process group).
+# Run a command as postgres in the copy, with the tested PostgreSQL's tools
+# first on PATH and a time limit (timeout signals the whole process group).
 in_copy() {
-	pg_temp_as_user -C "$COPY" env PATH="$PG_BIN:$PATH" PG_CONFIG="$PG_CONFIG" \
-		timeout -k 30s "$SUITE_TIMEOUT" "$@"
+	(cd "$COPY" && runuser -u postgres -- env PATH="$PG_BIN:$PATH" \
+		timeout -k 30s "$SUITE_TIMEOUT" "$@")
+}
+
+# make TARGET in the copy, with the tested PostgreSQL.
+make_in_copy() {
+	in_copy make --no-print-directory PG_CONFIG="$PG_CONFIG" "$@"
 }
 
 # Print a file with a heading, if it exists.
@@ -113,30 +116,10 @@ show() {
 	fi
 }
 
-# A variable of the Makefile, e.g. REGRESS, as make sees it.
-make_var() {
-	# shellcheck disable=SC2016 # $($*) is make syntax, not shell
-	make -s --no-print-directory -C "$ROOT" -f Makefile -f - PG_CONFIG="$PG_CONFIG" \
-		"print-$1" <<<'print-%: ; @echo $($*)'
-}
-
-# Names declared in the Makefile must have their files: a declared test whose
-# file is missing is an error, and this says which ones.  Returns SKIP when the
-# Makefile declares none.
-check_declared() {
-	local kind=$1 pattern=$2 name missing=()
-	shift 2
-	if (($# == 0)); then
-		echo "no $kind tests declared in the Makefile"
-		return "$SKIP"
-	fi
-	for name in "$@"; do
-		[[ -f $COPY/${pattern//@/$name} ]] || missing+=("${pattern//@/$name}")
-	done
-	if ((${#missing[@]} > 0)); then
-		echo "the Makefile declares $kind tests whose files are missing: ${missing[*]}" >&2
-		return 1
-	fi
+# The Debian package: built, installed, tested with the regression suites
+# and purged again (scripts/package.sh), before the build installs the tree.
+suite_package() {
+	bash "$ROOT/scripts/package.sh"
 }
 
 suite_build() {
@@ -144,111 +127,47 @@ suite_build() {
 	make -C "$ROOT" PG_CONFIG="$PG_CONFIG" install
 }
 
-# pg_regress on its own temp instance (Makefile: REGRESS, REGRESS_OPTS).
 suite_regress() {
-	local -a tests
-	local rc
-	read -ra tests <<<"$(make_var REGRESS)"
-	rc=0
-	check_declared pg_regress 'sql/@.sql' "${tests[@]}" || rc=$?
-	((rc != SKIP)) || return "$SKIP"
-	# Run even with files missing: the tests that exist still report.
-	in_copy make PG_CONFIG="$PG_CONFIG" installcheck ISOLATION= || {
-		rc=$?
+	make_in_copy installcheck ISOLATION= TAP_TESTS= || {
 		show "$COPY/regression.diffs"
+		return 1
 	}
-	return "$rc"
 }
 
-# Isolation specs on their own temp instance (Makefile: ISOLATION, ISOLATION_OPTS).
 suite_isolation() {
-	local -a tests
-	local rc
-	read -ra tests <<<"$(make_var ISOLATION)"
-	rc=0
-	check_declared isolation 'test/isolation/specs/@.spec' "${tests[@]}" || rc=$?
-	((rc != SKIP)) || return "$SKIP"
-	in_copy make PG_CONFIG="$PG_CONFIG" installcheck REGRESS= || {
-		rc=$?
+	make_in_copy installcheck REGRESS= TAP_TESTS= || {
 		show "$COPY/output_iso/regression.diffs"
+		return 1
 	}
-	return "$rc"
 }
 
-# pgTAP files with pg_prove against a throwaway server configured like the
-# pg_regress instances (test/regress.conf).
+# make pgtap prints the tail of its server's log when a file fails.
 suite_pgtap() {
-	local -a files
-	local db=task_events_pgtap datadir=$WORK/pgtap-data rc
-	shopt -s nullglob
-	files=("$COPY"/test/pgtap/*.sql)
-	shopt -u nullglob
-	if ((${#files[@]} == 0)); then
-		echo "no pgTAP tests yet (test/pgtap/*.sql): skipped"
-		return "$SKIP"
-	fi
-	trap pg_temp_cleanup EXIT
-	pg_temp_start "$datadir" "include_if_exists = '$COPY/test/regress.conf'"
-	in_copy "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE $db"
-	in_copy "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$db" \
-		-c 'CREATE EXTENSION pgtap' -c 'CREATE EXTENSION dblink' -c 'CREATE EXTENSION task_events'
-	in_copy pg_prove -d "$db" "${files[@]#"$COPY"/}" || {
-		rc=$?
-		echo "----- tail of the server log ($datadir/server.log) -----"
-		tail -n 100 "$datadir/server.log" || true
-		return "$rc"
-	}
-	pg_temp_stop "$datadir"
+	make_in_copy pgtap
 }
 
-# Perl TAP tests with PostgreSQL::Test::Cluster, set up as PGXS's
-# prove_installcheck does: TESTDIR (where tmp_check/ and its logs go),
-# PG_REGRESS (Cluster->init runs "pg_regress --config-auth"), and PATH with the
-# server binaries first (initdb, pg_ctl, pg_config are found through PATH).
 suite_tap() {
-	local -a files
-	local name out=$WORK/tap.out rc
-	shopt -s nullglob
-	if [[ -n ${TE_TAP:-} ]]; then
-		local glob globs
-		read -ra globs <<<"$TE_TAP"
-		files=()
-		for glob in "${globs[@]}"; do
-			files+=("$COPY"/test/t/$glob.pl)
-		done
-	else
-		files=("$COPY"/test/t/*.pl)
-	fi
-	shopt -u nullglob
-	if ((${#files[@]} == 0)); then
-		echo "no TAP tests yet (test/t/*.pl): skipped"
-		return "$SKIP"
-	fi
-	rm -rf -- "$COPY/test/tmp_check"
-	in_copy env \
-		PERL5LIB="$PGXS_DIR/src/test/perl${PERL5LIB:+:$PERL5LIB}" \
-		TESTDIR="$COPY/test" \
-		PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
-		prove -I "$COPY/test/t" "${files[@]#"$COPY"/}" | tee "$out" || {
-		rc=$?
+	local -a globs
+	local glob tests="" name out=$WORK/tap.out
+	read -ra globs <<<"${TE_TAP:-*}"
+	for glob in "${globs[@]}"; do
+		tests+=" test/t/$glob.pl" # expanded by the shell of make's recipe
+	done
+	make_in_copy installcheck REGRESS= ISOLATION= PROVE_TESTS="${tests# }" | tee "$out" || {
 		# A failed test's own log holds the commands it ran and their output;
-		# prove's summary names the failed files ("t/x.pl (Wstat: ...").
-		sed -n 's|^test/t/\([^ /]*\)\.pl (Wstat.*|\1|p' "$out" | while read -r name; do
-			echo "----- last lines of test/tmp_check/log/regress_log_$name -----"
-			tail -n 80 "$COPY/test/tmp_check/log/regress_log_$name" || true
+		# prove's summary names the failed files ("test/t/x.pl   (Wstat: ...").
+		sed -n 's|^test/t/\([^ /]*\)\.pl *(Wstat.*|\1|p' "$out" | while read -r name; do
+			echo "----- last lines of tmp_check/log/regress_log_$name -----"
+			tail -n 80 "$COPY/tmp_check/log/regress_log_$name" || true
 		done
-		return "$rc"
+		return 1
 	}
 }
 
-# The benchmark smoke run: no thresholds, it only has to complete.  Runs as
-# postgres from the copy's root; it may source scripts/pg-temp.sh.
+# The benchmark smoke run: no thresholds, it only has to complete.  The
+# bench and scripts/pg-temp.sh take their PostgreSQL from these variables.
 suite_bench() {
-	if [[ ! -f $COPY/bench/smoke.sh ]]; then
-		echo "no bench/smoke.sh yet: skipped"
-		return "$SKIP"
-	fi
-	in_copy bash bench/smoke.sh
+	in_copy env PG_BIN="$PG_BIN" PG_TEMP_BIN="$PG_BIN" bash bench/smoke.sh
 }
 
 # Every suite again, and the fuzzer, on a sanitized build in a private copy
@@ -262,36 +181,42 @@ suite_analyze() {
 	bash "$ROOT/scripts/analyze.sh"
 }
 
+for s in "${BEFORE_BUILD[@]}"; do
+	if selected "${s%%:*}"; then
+		run_suite "${s%%:*}" "${s#*:}"
+	fi
+done
 run_suite build suite_build
 if [[ ${SUITE_RESULTS[-1]} == PASS ]]; then
 	# cp -a keeps the build's timestamps, so nothing rebuilds in the copy.
 	mkdir -p -- "$COPY"
 	cp -a -- "$ROOT/." "$COPY/"
 	# Outputs of earlier local runs would be mistaken for this run's.
-	rm -rf -- "$COPY"/{tmp_check,tmp_check_iso,results,output_iso,log} \
-		"$COPY"/regression.{diffs,out} "$COPY/test/tmp_check"
-	pg_temp_chown "$WORK"
-	for s in pg_regress:suite_regress isolation:suite_isolation pgTAP:suite_pgtap \
-		TAP:suite_tap bench-smoke:suite_bench sanitizers:suite_sanitize analysis:suite_analyze; do
-		if [[ -z ${TE_ONLY:-} || " $TE_ONLY " == *" ${s%%:*} "* ]]; then
-			run_suite "${s%%:*}" "${s#*:}"
-		fi
-	done
-else
-	for s in pg_regress isolation pgTAP TAP bench-smoke sanitizers analysis; do
-		not_run "$s" "build failed"
-	done
+	rm -rf -- "$COPY"/{tmp_check*,results,output_iso,log} "$COPY"/regression.{diffs,out}
+	chown -R postgres: "$WORK"
 fi
+for s in "${AFTER_BUILD[@]}"; do
+	if ! selected "${s%%:*}"; then
+		continue
+	elif [[ -d $COPY ]]; then
+		run_suite "${s%%:*}" "${s#*:}"
+	else
+		SUITE_NAMES+=("${s%%:*}")
+		SUITE_RESULTS+=("FAIL (not run: build failed)")
+	fi
+done
 
 banner summary
-passed=0 failed=0 skipped=0
+passed=0 failed=0
 for i in "${!SUITE_NAMES[@]}"; do
 	printf '  %-12s %s\n' "${SUITE_NAMES[$i]}" "${SUITE_RESULTS[$i]}"
-	case ${SUITE_RESULTS[$i]} in
-	PASS) passed=$((passed + 1)) ;;
-	SKIP) skipped=$((skipped + 1)) ;;
-	*) failed=$((failed + 1)) ;;
-	esac
+	if [[ ${SUITE_RESULTS[$i]} == PASS ]]; then
+		passed=$((passed + 1))
+	elif [[ ${SUITE_RESULTS[$i]} == SKIP ]]; then
+		:
+	else
+		failed=$((failed + 1))
+	fi
 done
-echo "suites: $passed passed, $failed failed, $skipped skipped"
+echo "suites: $passed passed, $failed failed"
 exit "$FAILED"

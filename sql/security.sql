@@ -293,3 +293,15 @@ FROM regress.row_counts();
 DROP FUNCTION regress.append_only_attempts(), regress.direct_writes(), regress.reads(),
 	regress.admin_calls(), regress.privileges_of(name, regclass);
 DROP ROLE regress_writer, regress_reader, regress_nobody;
+
+-- Every object of the extension has a description (\df+, \dt+, \dT+ show
+-- it): expected, none listed.
+SELECT pg_describe_object(d.classid, d.objid, d.objsubid) AS without_comment
+FROM pg_depend d
+WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+  AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'task_events')
+  AND obj_description(d.objid, d.classid::regclass::name) IS NULL
+  AND NOT (d.classid = 'pg_type'::regclass
+		   AND EXISTS (SELECT FROM pg_type t WHERE t.oid = d.objid AND (t.typrelid <> 0 OR t.typelem <> 0)))
+ORDER BY 1;
+SELECT obj_description('task_events'::regnamespace, 'pg_namespace') IS NOT NULL AS schema_has_comment;

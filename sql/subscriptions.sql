@@ -434,6 +434,45 @@ SELECT subscription, count(*) AS dead_letters FROM task_events.subscription_dead
 GROUP BY subscription ORDER BY subscription;
 
 ------------------------------------------------------------------------------
+-- dead_letter_event: an event retrying cannot mend (a webhook's 4xx) goes to
+-- the dead letters at its first attempt, the events before it are
+-- acknowledged, the ones after it are offered again; the event must be in
+-- the batch, and not null.
+------------------------------------------------------------------------------
+SELECT task_events.create_subscription('rejected');
+SELECT FROM task_events.create_task('sub_reject', 'reject 1');
+SELECT FROM task_events.create_task('sub_reject', 'reject 2');
+SELECT FROM task_events.create_task('sub_reject', 'reject 3');
+SELECT * FROM regress.sub_read('rejected');
+SELECT * FROM regress.sub_error(format($$SELECT task_events.dead_letter_event('rejected', %s, NULL)$$,
+	regress.sub_batch('rejected')));
+SELECT * FROM regress.sub_error(format($$SELECT task_events.dead_letter_event('rejected', %s, %L)$$,
+	regress.sub_batch('rejected'), regress.sub_event('dead 1', 1)));
+SELECT * FROM regress.sub_error(format($$SELECT task_events.dead_letter_event('rejected', %s, %L)$$,
+	regress.sub_batch('rejected') + 1000, regress.sub_event('reject 2', 1)));
+SELECT task_events.dead_letter_event('rejected', regress.sub_batch('rejected'),
+	regress.sub_event('reject 2', 1), 'HTTP 400: bad request');
+SELECT t.title, d.attempts, d.message, d.retry_requested
+FROM task_events.subscription_dead_letters d JOIN task_events.events e USING (seq)
+JOIN task_events.tasks t ON t.task_id = e.aggregate_id
+WHERE d.subscription = 'rejected' ORDER BY d.seq;
+SELECT events_behind, acknowledged, failed, dead_letters, retry_attempts, last_error
+FROM task_events.subscription_status WHERE subscription = 'rejected';
+SELECT * FROM regress.sub_read('rejected');
+SELECT task_events.ack_batch('rejected', regress.sub_batch('rejected')) AS acknowledged;
+-- A retried dead letter rejected again stays a dead letter, one more attempt.
+SELECT task_events.retry_dead_letters('rejected') AS queued;
+SELECT * FROM regress.sub_read('rejected');
+SELECT task_events.dead_letter_event('rejected', regress.sub_batch('rejected'),
+	regress.sub_event('reject 2', 1), 'HTTP 400: still bad');
+SELECT t.title, d.attempts, d.message, d.retry_requested
+FROM task_events.subscription_dead_letters d JOIN task_events.events e USING (seq)
+JOIN task_events.tasks t ON t.task_id = e.aggregate_id
+WHERE d.subscription = 'rejected' ORDER BY d.seq;
+SELECT * FROM regress.sub_read('rejected');
+SELECT task_events.drop_subscription('rejected');
+
+------------------------------------------------------------------------------
 -- A rolled-back transaction's events are never delivered.
 ------------------------------------------------------------------------------
 BEGIN;
@@ -449,7 +488,7 @@ SELECT * FROM regress.sub_read('dead');
 SELECT task_events.ack_batch('dead', regress.sub_batch('dead')) AS acknowledged;
 
 ------------------------------------------------------------------------------
--- task_events_consumer: reads, acknowledges and nacks batches, reads
+-- task_events_consumer: reads, acknowledges, nacks and dead-letters batches, reads
 -- subscription_status; cannot create nor drop subscriptions, nor read or
 -- write the tables.
 ------------------------------------------------------------------------------
@@ -474,6 +513,9 @@ SELECT lane, title, event_type FROM regress.sub_read_as_consumer('dead', 1);
 SELECT task_events.nack_batch('dead', regress.sub_batch('dead'), error => 'by the consumer');
 SELECT lane, title, event_type FROM regress.sub_read_as_consumer('dead', 1);
 SELECT task_events.ack_batch('dead', regress.sub_batch('dead')) AS acknowledged;
+SELECT lane, title, event_type FROM regress.sub_read_as_consumer('dead', 1);
+SELECT task_events.dead_letter_event('dead', regress.sub_batch('dead'),
+	(SELECT event_id FROM regress.sub_got ORDER BY n DESC LIMIT 1), 'rejected by the consumer');
 SELECT subscription, lane, events_behind, acknowledged, failed, dead_letters, last_error
 FROM task_events.subscription_status ORDER BY subscription;
 SELECT * FROM regress.error_of($$SELECT task_events.create_subscription('by_consumer')$$);
@@ -499,17 +541,16 @@ SELECT regress.sub_tables() = '' AS nothing_left,
 REVOKE ALL ON SCHEMA regress FROM regress_consumer;
 REVOKE ALL ON regress.sub_got, regress.sub_got_n_seq FROM regress_consumer;
 DROP ROLE regress_consumer;
-DROP FUNCTION regress.sub_read(text, int, interval), regress.sub_batch(text), regress.sub_event(text, bigint),
-	regress.task_in_lane(text, text, int, int), regress.sub_error(text), regress.sub_tables(),
-	regress.sub_drain(text, int), regress.sub_read_as_consumer(text, int);
-DROP PROCEDURE regress.sub_wait_for_expiry(text);
-DROP TABLE regress.sub_got;
 
 ------------------------------------------------------------------------------
 -- read_lane: one lane only; the others are left to other readers.
 ------------------------------------------------------------------------------
 SELECT task_events.create_subscription('by_lane', lanes => 4);
 SELECT count(*) AS tasks FROM generate_series(1, 12) i, task_events.create_task('lane' || i, 'by lane ' || i);
+-- At least one task in lane 2 and one in lane 0, whatever the hash of the
+-- random ids above.
+SELECT FROM regress.task_in_lane('lane2', 'surely in lane 2', 2, 4);
+SELECT FROM regress.task_in_lane('lane0', 'surely in lane 0', 0, 4);
 CREATE TEMP TABLE by_lane AS SELECT * FROM task_events.read_lane('by_lane', 2);
 SELECT count(*) > 0 AS read_some, bool_and(lane = 2) AS all_of_lane_2,
 	   (SELECT count(DISTINCT batch_id) FROM by_lane) AS batches
@@ -527,3 +568,9 @@ SELECT * FROM regress.error_of($$SELECT * FROM task_events.read_lane('by_lane', 
 SELECT * FROM regress.error_of($$SELECT * FROM task_events.read_lane('no_such', 0)$$);
 SELECT task_events.drop_subscription('by_lane');
 DROP TABLE by_lane;
+
+DROP FUNCTION regress.sub_read(text, int, interval), regress.sub_batch(text), regress.sub_event(text, bigint),
+	regress.task_in_lane(text, text, int, int), regress.sub_error(text), regress.sub_tables(),
+	regress.sub_drain(text, int), regress.sub_read_as_consumer(text, int);
+DROP PROCEDURE regress.sub_wait_for_expiry(text);
+DROP TABLE regress.sub_got;

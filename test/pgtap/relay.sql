@@ -15,16 +15,20 @@
  * The mode is server-wide (reload), so this file switches it with ALTER
  * SYSTEM from a separate connection and waits until the writer sees it; it
  * runs the relay handler through the writer with process_pending('relay').
- * It puts the setting back at the end.
+ * It puts the setting back at the end.  The harness steps (set_notify_mode,
+ * sync_listener, COMMIT PREPARED and ROLLBACK PREPARED) are statements that
+ * raise an error on failure, not tests: every test is about task_events.
  */
 BEGIN ISOLATION LEVEL READ COMMITTED;	-- each statement must see the writer's commits
 
-SELECT plan(30);
+SELECT plan(17);
 
 \ir lib/listener_harness.psql
 
--- Switch notify_mode server-wide; true once the writer's session uses it.
-CREATE FUNCTION pg_temp.set_notify_mode(mode text) RETURNS boolean LANGUAGE plpgsql AS $$
+-- Switch notify_mode server-wide (NULL: back to the default) and wait until
+-- the writer's session uses it; a harness step that raises an error when it
+-- does not within 10 s.
+CREATE PROCEDURE pg_temp.set_notify_mode(mode text) LANGUAGE plpgsql AS $$
 DECLARE
 	deadline timestamptz := clock_timestamp() + interval '10 seconds';
 BEGIN
@@ -36,12 +40,11 @@ BEGIN
 	END IF;
 	PERFORM * FROM dblink('other', 'SELECT pg_reload_conf()') AS r(ok boolean);
 	LOOP
-		IF (SELECT m FROM dblink('writer', $q$SELECT current_setting('task_events.notify_mode')$q$)
-				AS r(m text)) = coalesce(mode, 'commit') THEN
-			RETURN true;
-		END IF;
+		EXIT WHEN (SELECT m FROM dblink('writer', $q$SELECT current_setting('task_events.notify_mode')$q$)
+				   AS r(m text)) = coalesce(mode, 'commit');
 		IF clock_timestamp() >= deadline THEN
-			RETURN false;
+			RAISE EXCEPTION 'set_notify_mode: the writer''s session did not load notify_mode % within 10 s',
+				coalesce(mode, 'commit');
 		END IF;
 		PERFORM pg_sleep(0.01);
 	END LOOP;
@@ -53,32 +56,31 @@ CREATE FUNCTION pg_temp.relay() RETURNS bigint LANGUAGE sql AS $$
 	SELECT n FROM dblink('writer', $q$SELECT task_events.process_pending('relay')$q$) AS r(n bigint)
 $$;
 
--- Move the relay handler past the events earlier files wrote (commit mode:
--- it publishes nothing), so that only this file's events are relayed below.
-SELECT is((SELECT count(*) FROM dblink('writer',
-				$q$SELECT task_id FROM task_events.create_task('pgtap-relay', 'Load the library')$q$)
-				AS r(task_id uuid)),
-	1::bigint, 'fixture: the writer''s session has the library loaded');
-SELECT ok(pg_temp.set_notify_mode('commit'), 'fixture: notify_mode is commit');
-SELECT ok(pg_temp.relay() >= 0, 'fixture: the relay handler is past every earlier event');
+-- Load the library in the writer's session, and move the relay handler past
+-- the events earlier files wrote (commit mode: it publishes nothing), so
+-- that only this file's events are relayed below.
+SELECT * FROM dblink('writer', $q$SELECT task_id FROM task_events.create_task('pgtap-relay', 'Load the library')$q$)
+	AS r(task_id uuid) \g /dev/null
+CALL pg_temp.set_notify_mode('commit');
+SELECT pg_temp.relay() \g /dev/null
 
 ------------------------------------------------------------------------------
 -- relay
 ------------------------------------------------------------------------------
 
-SELECT ok(pg_temp.set_notify_mode('relay'), 'notify_mode relay is loaded by the writer''s session');
+CALL pg_temp.set_notify_mode('relay');
 
 DO $$
 BEGIN
 	PERFORM pg_temp.w_create('single', 'pgtap-relay', 'Relayed: "quoted", back\slash');
 END
 $$;
-SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+CALL pg_temp.sync_listener();
 SELECT is(pg_temp.n_got('{single}'), 0::bigint,
 	'relay: a committed create_task publishes nothing from the writing transaction');
 
 SELECT is(pg_temp.relay(), 1::bigint, 'relay: the relay handler handles the committed event');
-SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+CALL pg_temp.sync_listener();
 SELECT is(pg_temp.got('{single}'), pg_temp.want('{single}'),
 	'relay: the relay handler publishes exactly the envelope commit mode sends, once');
 
@@ -95,7 +97,7 @@ END
 $$;
 SELECT is(pg_temp.relay(), 4::bigint, 'relay: the relay handler handles the four committed events');
 SELECT is(pg_temp.relay(), 0::bigint, 'relay: a second run finds nothing left');
-SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+CALL pg_temp.sync_listener();
 SELECT is(pg_temp.got('{multi,single}'), pg_temp.want('{multi,single}'),
 	'relay: every committed event is published once, in seq order, each exactly its envelope');
 SELECT is(pg_temp.n_got('{rolled_back}'), 0::bigint, 'relay: a rolled-back event is never published');
@@ -117,12 +119,10 @@ $$;
 SELECT is_empty($$SELECT label, step, error FROM call_errors WHERE label LIKE 'prepared%'$$,
 	'relay: a transaction that wrote events can be prepared');
 SELECT is(pg_temp.relay(), 0::bigint, 'relay: prepared events are not handled before COMMIT PREPARED');
-SELECT is(dblink_exec('other', $q$COMMIT PREPARED 'te_relay_commit'$q$), 'COMMIT PREPARED',
-	'fixture: COMMIT PREPARED');
-SELECT is(dblink_exec('other', $q$ROLLBACK PREPARED 'te_relay_rollback'$q$), 'ROLLBACK PREPARED',
-	'fixture: ROLLBACK PREPARED');
+SELECT dblink_exec('other', $q$COMMIT PREPARED 'te_relay_commit'$q$) \g /dev/null
+SELECT dblink_exec('other', $q$ROLLBACK PREPARED 'te_relay_rollback'$q$) \g /dev/null
 SELECT is(pg_temp.relay(), 1::bigint, 'relay: the committed prepared event is handled');
-SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+CALL pg_temp.sync_listener();
 SELECT ok(pg_temp.got('{prepared_committed}') = pg_temp.want('{prepared_committed}')
 		  AND pg_temp.n_got('{prepared_rolled_back}') = 0,
 	'relay: COMMIT PREPARED events are published exactly, ROLLBACK PREPARED ones never');
@@ -145,7 +145,7 @@ SELECT is(pg_temp.relay(), 0::bigint, 'relay: the writer''s backend survived the
 -- off, then commit
 ------------------------------------------------------------------------------
 
-SELECT ok(pg_temp.set_notify_mode('off'), 'notify_mode off is loaded by the writer''s session');
+CALL pg_temp.set_notify_mode('off');
 DO $$
 BEGIN
 	PERFORM pg_temp.w_create('off', 'pgtap-relay', 'Never published');
@@ -153,14 +153,14 @@ END
 $$;
 SELECT is(pg_temp.relay(), 1::bigint, 'off: the relay handler moves past the event');
 
-SELECT ok(pg_temp.set_notify_mode(NULL), 'notify_mode is back to its default, commit');
+CALL pg_temp.set_notify_mode(NULL);	-- the default, commit
 DO $$
 BEGIN
 	PERFORM pg_temp.w_create('commit', 'pgtap-relay', 'Published by the writer');
 END
 $$;
 SELECT is(pg_temp.relay(), 1::bigint, 'commit: the relay handler moves past the event');
-SELECT ok(pg_temp.sync_listener(), 'sync: the listener received everything committed before the marker');
+CALL pg_temp.sync_listener();
 SELECT ok(pg_temp.n_got('{off}') = 0 AND pg_temp.got('{commit}') = pg_temp.want('{commit}'),
 	'off publishes nothing, not even later; commit publishes once, from the writer only');
 

@@ -175,7 +175,7 @@ my $quiet = te_node(
 	'no_extension',
 	extension => 0,
 	conf => "task_events.worker_count = 2\ntask_events.poll_interval = 100ms");
-ok($quiet->wait_for_log(qr/LOG:  task_events launcher started/, 0), 'the launcher logs that it started');
+ok(log_appears($quiet, qr/LOG:  task_events launcher started/, 0), 'the launcher logs that it started');
 my $launcher = launcher_loops_quietly($quiet, 700, 'no extension');
 is(te_processes($quiet), 'task_events launcher/(none)',
 	'no extension anywhere: the launcher runs, in no database, and no worker');
@@ -186,8 +186,9 @@ is_deeply(\@bad, [], 'no error in the log while the extension is missing');
 # Once the extension exists, its database gets two workers.
 my $offset = log_position($quiet);
 $quiet->safe_psql('postgres', 'CREATE EXTENSION task_events');
-my @qpids = wait_for_workers_in($quiet, 2, 'postgres');
-pass('worker_count = 2: two workers start in postgres once the extension is created there');
+ok(workers_in_are($quiet, 2, 'postgres'),
+	'worker_count = 2: two workers start in postgres once the extension is created there');
+my @qpids = workers($quiet, 'postgres');
 is_deeply(
 	[ sort map { s/.*LOG:  //r } log_grep($quiet, $offset, qr/LOG:  task_events worker \d+ started/) ],
 	[
@@ -230,8 +231,8 @@ is($quiet->safe_psql('postgres', 'SELECT DISTINCT workers FROM task_events.handl
 	'postgres: handler_status.workers says task_events.database leaves it unserved');
 
 $quiet->safe_psql('app', 'CREATE EXTENSION task_events');
-wait_for_workers_in($quiet, 1, 'app');
-pass('task_events.database = app: one worker, in database app, once it has the extension');
+ok(workers_in_are($quiet, 1, 'app'),
+	'task_events.database = app: one worker, in database app, once it has the extension');
 $quiet->safe_psql('app', $WRITES);
 create_tasks($quiet, 3, 'not handled here');
 wait_caught_up($quiet, 'app');

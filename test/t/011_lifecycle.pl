@@ -148,7 +148,7 @@ $node = te_node(
 
 my $MISSING =
   qr/LOG:  task_events launcher: database "app" \(task_events.database\) does not exist; it is served once it is created with the extension/;
-ok($node->wait_for_log($MISSING, 0),
+ok(log_appears($node, $MISSING, 0),
 	'missing database at start: the launcher logs that it serves it once it is created with the extension');
 $launcher = launcher_loops_quietly($node, 700, 'app missing');
 is(te_processes($node), 'task_events launcher/(none)', 'missing database: no worker runs');
@@ -239,7 +239,7 @@ $node = te_node(
 my $UNSERVED_ROLE = 'unserved: role "te_worker" cannot log in (task_events.worker_role)';
 my $ROLE_MISSING =
   qr/LOG:  task_events launcher: role "te_worker" does not exist; no database is served until it is created/;
-ok($node->wait_for_log($ROLE_MISSING, 0), 'missing role: the launcher logs that no database is served until it is created');
+ok(log_appears($node, $ROLE_MISSING, 0), 'missing role: the launcher logs that no database is served until it is created');
 $launcher = launcher_loops_quietly($node, 500, 'role missing');
 is(te_processes($node), 'task_events launcher/(none)', 'missing role: no worker starts');
 is(workers_state($node), $UNSERVED_ROLE, 'missing role: handler_status.workers says why');
@@ -264,7 +264,7 @@ $offset = log_position($node);
 $node->safe_psql('postgres', 'CREATE ROLE te_worker NOLOGIN');
 my $NOLOGIN =
   qr/LOG:  task_events launcher: role "te_worker" is not permitted to log in; no database is served until it is/;
-ok($node->wait_for_log($NOLOGIN, $offset), 'role without LOGIN: the launcher says so');
+ok(log_appears($node, $NOLOGIN, $offset), 'role without LOGIN: the launcher says so');
 is(launcher_loops_quietly($node, 500, 'role without LOGIN'), $launcher, 'role without LOGIN: the launcher stays');
 is(te_processes($node), 'task_events launcher/(none)', 'role without LOGIN: no worker starts');
 is(workers_state($node), $UNSERVED_ROLE, 'role without LOGIN: handler_status.workers says why');
@@ -276,7 +276,7 @@ is_deeply([ log_grep($node, $offset, $BAD) ], [], 'role without LOGIN: no failed
 $node->safe_psql('postgres', 'REVOKE CONNECT ON DATABASE postgres FROM PUBLIC');
 $offset = log_position($node);
 $node->safe_psql('postgres', 'ALTER ROLE te_worker LOGIN');
-ok($node->wait_for_log(qr/LOG:  task_events launcher: role "te_worker" can log in now/, $offset),
+ok(log_appears($node, qr/LOG:  task_events launcher: role "te_worker" can log in now/, $offset),
 	'role given LOGIN: the launcher says it can log in now');
 my $RETRY = qr/LOG:  task_events launcher: worker 1 could not connect to database "postgres"; retrying in (\d+) s/;
 $node->wait_for_log(qr/$RETRY[\s\S]*$RETRY/, $offset);
@@ -288,11 +288,11 @@ like(
 	qr/FATAL:  permission denied for database "postgres"[\s\S]*$RETRY/,
 	'... after the FATAL of the connection attempt, which says why');
 $node->safe_psql('postgres', 'GRANT CONNECT ON DATABASE postgres TO PUBLIC');
-$node->poll_query_until('postgres',
-	"SELECT usename FROM pg_stat_activity WHERE backend_type = 'task_events worker' AND datname = 'postgres'",
-	'te_worker')
-  or die 'the worker did not connect as te_worker';
-pass('CONNECT granted again: the worker connects as te_worker');
+ok( $node->poll_query_until(
+		'postgres',
+		"SELECT usename FROM pg_stat_activity WHERE backend_type = 'task_events worker' AND datname = 'postgres'",
+		'te_worker'),
+	'CONNECT granted again: the worker connects as te_worker');
 is(scalar(log_grep($node, $offset, qr/LOG:  task_events launcher: role/)), 1,
 	'"can log in now" is logged once');
 $offset = log_position($node);

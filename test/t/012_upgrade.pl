@@ -14,9 +14,14 @@
 #   process_pending() after it, handle old and new events exactly.
 # - Every task_events--*.sql of the source tree is installed (a script
 #   missing from the Makefile's DATA would be a version nobody can reach).
-# A new version needs nothing here: add task_events--A--B.sql (and the new
-# task_events--B.sql if you keep full scripts), bump default_version, and
-# this test picks them up (docs/operations.md, "Upgrades").
+# - This release's update is among those run: the default version is 1.1,
+#   1.0 is installed and updated, and PostgreSQL's path from 1.0 to 1.1 is
+#   task_events--1.0--1.1.sql (so that the test cannot pass by updating
+#   1.0 to 1.0).
+# A new version needs little here: add task_events--A--B.sql (and the new
+# task_events--B.sql if you keep full scripts), bump default_version, change
+# the expected default version and update path below, and this test picks
+# the scripts up (docs/operations.md, "Upgrades").
 use strict;
 use warnings FATAL => 'all';
 
@@ -51,6 +56,18 @@ my @versions = split /\n/,
 	q{SELECT version FROM pg_available_extension_versions WHERE name = 'task_events' ORDER BY version});
 note "default version $default; available: @versions";
 ok((grep { $_ eq $default } @versions), "the default version $default is available");
+
+# This release's update, which the loop below must take (a test that only
+# updated 1.0 to 1.0 would pass without it): from 1.0, the released version,
+# to the default, 1.1, with task_events--1.0--1.1.sql.  A new release
+# changes these lines.
+is($default, '1.1', 'the default version is 1.1');
+ok((grep { $_ eq '1.0' } @versions), 'the released version 1.0 is available, to be installed and updated');
+is( $node->safe_psql(
+		'postgres', q{
+	SELECT path FROM pg_extension_update_paths('task_events') WHERE source = '1.0' AND target = '1.1'}),
+	'1.0--1.1',
+	'PostgreSQL updates 1.0 to 1.1 in one step, with task_events--1.0--1.1.sql');
 
 # The schema as lines of text: one per property of every object of the
 # extension, without OIDs, sorted.
@@ -172,11 +189,14 @@ $node->safe_psql('fresh', 'CREATE EXTENSION task_events');
 my $fresh = schema('fresh');
 cmp_ok(scalar(@$fresh), '>', 50, 'the fresh install has a schema to compare: ' . scalar(@$fresh) . ' lines');
 
+my @updated;    # the versions updated to the default, not already there
 for my $version (@versions)
 {
 	my $db = 'from_' . ($version =~ s/\W/_/gr);
 	$node->safe_psql('postgres', "CREATE DATABASE $db");
 	$node->safe_psql($db, "CREATE EXTENSION task_events VERSION '$version'");
+	is($node->safe_psql($db, q{SELECT extversion FROM pg_extension WHERE extname = 'task_events'}),
+		$version, "$version: CREATE EXTENSION task_events VERSION '$version' installs $version");
 	$node->safe_psql($db, $WRITES);
 	my $before = $node->safe_psql($db,
 		'SELECT count(*) || \'/\' || max(seq) FROM task_events.events');
@@ -190,8 +210,10 @@ for my $version (@versions)
 	my ($ret, $out, $err) = $node->psql($db, 'ALTER EXTENSION task_events UPDATE');
 	is($ret, 0, "$version: ALTER EXTENSION task_events UPDATE succeeds")
 	  or diag $err;
-	is($node->safe_psql($db, q{SELECT extversion FROM pg_extension WHERE extname = 'task_events'}),
-		$default, "$version: updated to the default version $default");
+	my $updated_to =
+	  $node->safe_psql($db, q{SELECT extversion FROM pg_extension WHERE extname = 'task_events'});
+	is($updated_to, $default, "$version: updated to the default version $default");
+	push @updated, $version if $ret == 0 && $updated_to eq $default && $version ne $default;
 
 	my $got = schema($db);
 	my %in_fresh = map { $_ => 1 } @$fresh;
@@ -208,6 +230,9 @@ for my $version (@versions)
 	$node->safe_psql($db, 'SELECT task_events.process_pending()');
 	handlers_match($node, "$version: old and new events handled exactly after the update", db => $db);
 }
+
+ok((grep { $_ eq '1.0' } @updated), 'the update from 1.0 to 1.1 was run, and checked above')
+  or diag "versions updated: @updated";
 
 $node->stop;
 done_testing();

@@ -409,7 +409,7 @@ is_deeply([ map { s/.*LOG:  //r } log_grep($small, $pos, qr/every database with 
 # Both freed: every database is served.
 $pos = log_position($small);
 $small->safe_psql($served[1], 'DROP EXTENSION task_events');
-ok($small->wait_for_log(qr/task_events launcher: every database with task_events is served/, $pos),
+ok(log_appears($small, qr/task_events launcher: every database with task_events is served/, $pos),
 	'rule 6: once slots are free for all, the launcher says every database is served');
 for my $db (@unserved)
 {

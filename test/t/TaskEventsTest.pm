@@ -12,7 +12,8 @@
 #   else may fail and nothing may be dead-lettered);
 # - pgbench_script / start_pgbench / start_pgbench_loop / stop_pgbench: the
 #   write load (create a task, move it, roll back some transactions);
-# - log_position / log_since / log_grep: the server log from a point on;
+# - log_position / log_since / log_grep / log_appears: the server log from a
+#   point on;
 # - worker_loops_quietly: the same workers keep looping for a while.
 package TaskEventsTest;
 
@@ -30,7 +31,7 @@ our @EXPORT = qw(
   te_node worker_pids wait_for_workers wait_caught_up
   handler_mismatches handlers_match
   pgbench_script start_pgbench start_pgbench_loop stop_pgbench
-  create_tasks log_position log_since log_grep worker_loops_quietly
+  create_tasks log_position log_since log_grep log_appears worker_loops_quietly
   no_handler_failures handlers_match_after_kills
 );
 
@@ -381,6 +382,15 @@ sub log_grep
 	return grep { /$re/ } split /\n/, log_since($node, $offset);
 }
 
+# Poll until the server log from offset on matches the regexp re: true if it
+# does before the timeout, false if not, for ok().  ($node->wait_for_log
+# dies on timeout instead, so ok($node->wait_for_log(...)) cannot fail.)
+sub log_appears
+{
+	my ($node, $re, $offset) = @_;
+	return eval { $node->wait_for_log($re, $offset); 1 } ? 1 : 0;
+}
+
 # Poll until the n task_events workers (in any database, or none) have
 # changed state at least ms milliseconds after this call started, that is
 # are still going round their loop; returns their pids, sorted (dies on
@@ -479,14 +489,22 @@ sub workers
 	  );
 }
 
+# Poll until exactly n workers run, all in database db; true if they do
+# before the timeout (for ok()), false if not.
+sub workers_in_are
+{
+	my ($node, $n, $db) = @_;
+	return $node->poll_query_until(
+		'postgres', qq{
+		SELECT count(*) = $n AND coalesce(bool_and(datname = '$db'), true) FROM pg_stat_activity
+		WHERE backend_type = 'task_events worker'});
+}
+
 # Poll until exactly n workers run, all in database db; returns their pids.
 sub wait_for_workers_in
 {
 	my ($node, $n, $db) = @_;
-	$node->poll_query_until(
-		'postgres', qq{
-		SELECT count(*) = $n AND coalesce(bool_and(datname = '$db'), true) FROM pg_stat_activity
-		WHERE backend_type = 'task_events worker'})
+	workers_in_are($node, $n, $db)
 	  or die "timed out waiting for $n task_events worker(s) in database $db";
 	return workers($node, $db);
 }
@@ -520,7 +538,7 @@ sub launcher_loops_quietly
 		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'task_events launcher'");
 }
 
-push @EXPORT, qw(workers wait_for_workers_in te_processes launcher_loops_quietly);
+push @EXPORT, qw(workers workers_in_are wait_for_workers_in te_processes launcher_loops_quietly);
 
 # Poll until check (a code reference) returns true, every 0.1 s, up to the
 # default timeout; returns whether it did.
