@@ -852,6 +852,11 @@ CREATE FUNCTION task_events._read_batch(subscription text, only_lane int, max_ev
 				   occurred_at timestamptz, user_id text, payload jsonb)
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
+	-- Generic plans, as the workers' (src/dispatch.c): a custom plan knows
+	-- that the window's seq range covers most of the log and, misled by the
+	-- snapshot and lane filters' estimates, reads all of it and sorts for
+	-- each batch instead of walking events_pkey up to max_events.
+	SET plan_cache_mode = force_generic_plan
 	AS $$
 DECLARE
 	sub task_events.subscriptions;

@@ -113,7 +113,7 @@ ORDER BY p.proname;
 -- in it is schema-qualified).
 SELECT p.proname AS without_fixed_search_path
 FROM pg_proc p WHERE p.pronamespace = 'task_events'::regnamespace
-  AND p.proconfig IS DISTINCT FROM '{"search_path=pg_catalog, pg_temp"}'
+  AND NOT COALESCE(p.proconfig @> '{"search_path=pg_catalog, pg_temp"}', false)
 ORDER BY p.proname;
 
 ------------------------------------------------------------------------------
