@@ -177,24 +177,36 @@ te_ack_batch(PGconn *conn, const char *subscription, int64_t batch_id,
 	return r;
 }
 
+/*
+ * A call of nack_batch or dead_letter_event (sql), which both take the
+ * subscription, the batch, an event of it (NULL: none) and a message.
+ */
+static ApiResult
+te_settle_failed(PGconn *conn, const char *sql, const char *subscription,
+				 int64_t batch_id, const char *event_id, const char *message,
+				 char *error, int errlen)
+{
+	char		id[32];
+	const char *params[4] = {subscription, id, event_id, message};
+	PGresult   *res;
+	ApiResult	r;
+
+	snprintf(id, sizeof(id), "%lld", (long long) batch_id);
+	r = te_query(conn, sql, 4, params, &res, error, errlen);
+	if (r == API_OK)
+		PQclear(res);
+	return r;
+}
+
 /* nack_batch; failed_event_id NULL: the whole batch failed. */
 ApiResult
 te_nack_batch(PGconn *conn, const char *subscription, int64_t batch_id,
 			  const char *failed_event_id, const char *message,
 			  char *error, int errlen)
 {
-	char		id[32];
-	const char *params[4] = {subscription, id, failed_event_id, message};
-	PGresult   *res;
-	ApiResult	r;
-
-	snprintf(id, sizeof(id), "%lld", (long long) batch_id);
-	r = te_query(conn,
-				 "SELECT task_events.nack_batch($1, $2::pg_catalog.int8, $3::pg_catalog.uuid, $4)",
-				 4, params, &res, error, errlen);
-	if (r == API_OK)
-		PQclear(res);
-	return r;
+	return te_settle_failed(conn,
+							"SELECT task_events.nack_batch($1, $2::pg_catalog.int8, $3::pg_catalog.uuid, $4)",
+							subscription, batch_id, failed_event_id, message, error, errlen);
 }
 
 /* dead_letter_event: the event goes to the dead letters at once. */
@@ -203,18 +215,9 @@ te_dead_letter_event(PGconn *conn, const char *subscription, int64_t batch_id,
 					 const char *event_id, const char *message,
 					 char *error, int errlen)
 {
-	char		id[32];
-	const char *params[4] = {subscription, id, event_id, message};
-	PGresult   *res;
-	ApiResult	r;
-
-	snprintf(id, sizeof(id), "%lld", (long long) batch_id);
-	r = te_query(conn,
-				 "SELECT task_events.dead_letter_event($1, $2::pg_catalog.int8, $3::pg_catalog.uuid, $4)",
-				 4, params, &res, error, errlen);
-	if (r == API_OK)
-		PQclear(res);
-	return r;
+	return te_settle_failed(conn,
+							"SELECT task_events.dead_letter_event($1, $2::pg_catalog.int8, $3::pg_catalog.uuid, $4)",
+							subscription, batch_id, event_id, message, error, errlen);
 }
 
 /*
