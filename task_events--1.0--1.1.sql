@@ -903,12 +903,12 @@ BEGIN
 		tried := tried OPERATOR(pg_catalog.||) l.lane;
 
 		-- Dead letters queued for another attempt.
-		SELECT pg_catalog.array_agg(e ORDER BY e.seq) INTO batch
-		FROM (SELECT e.* FROM task_events.subscription_dead_letters d
+		SELECT pg_catalog.array_agg(w.e ORDER BY (w.e).seq) INTO batch
+		FROM (SELECT e FROM task_events.subscription_dead_letters d
 			  JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq
 			  WHERE d.subscription OPERATOR(pg_catalog.=) sub.subscription
 				AND d.lane OPERATOR(pg_catalog.=) l.lane AND d.retry_requested
-			  ORDER BY d.seq LIMIT max_events) e;
+			  ORDER BY d.seq LIMIT max_events) w;
 		retries := batch IS NOT NULL;
 
 		FOR attempt IN 1..2 LOOP
@@ -921,15 +921,17 @@ BEGIN
 				l.window_seq := COALESCE(bounds.first OPERATOR(pg_catalog.-) 1, 0);
 				l.window_last_seq := COALESCE(bounds.last, 0);
 			END IF;
-			SELECT pg_catalog.array_agg(e ORDER BY e.seq) INTO batch
-			FROM (SELECT e.* FROM task_events.events e
+			-- Whole rows of task_events.events (SELECT e, not e.*): an array of
+			-- anonymous records would be cast to events[] through text.
+			SELECT pg_catalog.array_agg(w.e ORDER BY (w.e).seq) INTO batch
+			FROM (SELECT e FROM task_events.events e
 				  WHERE e.seq OPERATOR(pg_catalog.>) l.window_seq
 					AND e.seq OPERATOR(pg_catalog.<=) l.window_last_seq
 					AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_start)
 					AND pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_end)
 					AND (sub.event_types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (sub.event_types))
 					AND task_events._lane_of(e.aggregate_id, sub.lanes) OPERATOR(pg_catalog.=) l.lane
-				  ORDER BY e.seq LIMIT max_events) e;
+				  ORDER BY e.seq LIMIT max_events) w;
 			IF batch IS NULL THEN
 				-- The window holds nothing more for this lane: close it.
 				l.window_start := l.window_end;
