@@ -212,6 +212,19 @@ for my $c (values %consumers)
 my $load = start_pgbench($node, clients => 2, seconds => $LOAD_SECONDS);
 my $started = time();
 my ($late, $late_events, $doomed, $doomed_events);
+
+# The late transaction commits, the doomed one rolls back; their events are
+# remembered for the checks at the end.
+sub end_late_cycle
+{
+	$late->query_safe('COMMIT');
+	$late->quit;
+	$doomed->query_safe('ROLLBACK');
+	$doomed->quit;
+	push @late_seqs, map { $_->[0] } @$late_events;
+	push @doomed_ids, map { $_->[1] } @$doomed_events;
+	$late = undef;
+}
 my $cycles = 0;
 # After the load, the kills go on until the last late transaction commits
 # (the consumers catch up with the events after it), for a minute at most.
@@ -233,31 +246,14 @@ while (time() < $started + $LOAD_SECONDS
 	kill_consumer($victim);
 	start_consumer($victim, faulty_options(faults => 1));
 
-	if ($late && every_lane_past($late_events->[-1][0]))
-	{
-		$late->query_safe('COMMIT');
-		$late->quit;
-		$doomed->query_safe('ROLLBACK');
-		$doomed->quit;
-		push @late_seqs, map { $_->[0] } @$late_events;
-		push @doomed_ids, map { $_->[1] } @$doomed_events;
-		$late = undef;
-	}
+	end_late_cycle() if $late && every_lane_past($late_events->[-1][0]);
 }
 my $rc = stop_pgbench($load);
 is($rc, 0, 'pgbench ran without error');
 ok(!$late,
 	'each late transaction stayed open until every lane of both subscriptions had acknowledged events with higher seqs'
 );
-if ($late)
-{
-	$late->query_safe('COMMIT');
-	$late->quit;
-	$doomed->query_safe('ROLLBACK');
-	$doomed->quit;
-	push @late_seqs, map { $_->[0] } @$late_events;
-	push @doomed_ids, map { $_->[1] } @$doomed_events;
-}
+end_late_cycle() if $late;
 my $kills_under_load = $kills;
 note "late transaction cycles: $cycles; consumers killed by the test: $kills";
 

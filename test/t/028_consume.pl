@@ -234,6 +234,17 @@ sub start_pgbench_rate
 	return $h;
 }
 
+# Polls until every lane of the subscriptions has delivered everything and
+# holds no batch (all acknowledged).
+sub caught_up
+{
+	my $names = join(', ', map { "'$_'" } @_);
+	return $node->poll_query_until(
+		'postgres', qq{
+		SELECT bool_and(events_behind = 0 AND batch_id IS NULL)
+		FROM task_events.subscription_status WHERE subscription IN ($names)});
+}
+
 my %ALL = map { $_ => 1 } qw(TaskCreated TaskStatusChanged TaskCompleted);
 my %EXEC_TYPES = map { $_ => 1 } qw(TaskCreated TaskCompleted);
 
@@ -314,10 +325,7 @@ ok(wait_until(sub { slurp_file($lines_err) =~ /connected to database/ }),
 is(stop_pgbench($load), 0, 'rule 1: the pgbench load ran');
 create_tasks($node, 5, 'after the restart', 'ivan');
 
-my $CAUGHT_UP = q{
-	SELECT bool_and(events_behind = 0 AND batch_id IS NULL) FROM task_events.subscription_status
-	WHERE subscription IN ('lines', 'runs')};
-ok($node->poll_query_until('postgres', $CAUGHT_UP),
+ok(caught_up('lines', 'runs'),
 	'rule 1: both subscriptions are caught up, every batch acknowledged');
 is(consume_signal($lines, 'TERM'), 0, 'rule 6: SIGTERM while waiting: --jsonl exits 0');
 is(consume_signal($runs, 'TERM'), 0, 'rule 6: SIGTERM while waiting: --exec exits 0');
@@ -663,10 +671,7 @@ $node->safe_psql('postgres', q{SELECT task_events.create_subscription('slowhook'
 create_tasks($node, 20, 'slow', 'kate');
 my $slow_from = scalar(complete_lines($hook_log));
 my $slowhook = consume_start('slowhook', '--post', $daemon->url . 'slow', '--batch', 20, '--lease', 2);
-ok( $node->poll_query_until(
-		'postgres', q{
-		SELECT events_behind = 0 AND batch_id IS NULL FROM task_events.subscription_status
-		WHERE subscription = 'slowhook'}),
+ok(caught_up('slowhook'),
 	'rule 8: batches longer than their lease: the subscription is caught up');
 is(consume_signal($slowhook, 'TERM'), 0, 'rule 8: SIGTERM: exit 0');
 kill 'TERM', $hook_pid;
@@ -697,10 +702,7 @@ my @quad = map {
 } 1 .. 2;
 my $quad_load = start_pgbench_rate(100, 4);
 is(stop_pgbench($quad_load), 0, 'rule 9: the pgbench load ran');
-ok( $node->poll_query_until(
-		'postgres', q{
-		SELECT bool_and(events_behind = 0 AND batch_id IS NULL)
-		FROM task_events.subscription_status WHERE subscription = 'quad'}),
+ok(caught_up('quad'),
 	'rule 9: the four lanes are caught up');
 my $PROGRESS = qr/^task_events_consume: [0-9.]+ events\/s, lane \d, batch \d+, \d+ events behind, 0 failed attempts$/m;
 ok(wait_until(sub { slurp_file($quad[0]{err}) =~ $PROGRESS }), 'rule 9: --progress prints a status line');
@@ -743,10 +745,7 @@ my $pinned_start = $node->safe_psql('postgres', 'SELECT coalesce(max(seq), 0) FR
 my @pinned = map { consume_start('pinned', '--lane', $_) } 0 .. 1;
 my $pinned_load = start_pgbench_rate(50, 3);
 is(stop_pgbench($pinned_load), 0, 'rule 10: the pgbench load ran');
-ok( $node->poll_query_until(
-		'postgres', q{
-		SELECT bool_and(events_behind = 0 AND batch_id IS NULL)
-		FROM task_events.subscription_status WHERE subscription = 'pinned'}),
+ok(caught_up('pinned'),
 	'rule 10: both lanes are caught up');
 is(consume_signal($_, 'TERM'), 0, 'rule 10: SIGTERM: exit 0') for @pinned;
 {
