@@ -50,7 +50,7 @@ SHLIB_LINK = -luuid
 # TAP_TESTS= on the command line leaves one out.
 
 # pg_regress suite: sql/*.sql against expected/*.out, on a throwaway instance.
-REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry handler_api \
+REGRESS = setup create_task update_status errors append_only history handlers dead_letters handler_registry handler_api handler_lanes \
 	subscriptions security metrics
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf \
 	--encoding=UTF8 --no-locale

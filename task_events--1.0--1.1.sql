@@ -54,7 +54,7 @@ COMMENT ON TABLE task_events.audit_log IS 'Written by the audit handler: one row
 COMMENT ON TABLE task_events.log_origin IS
 	'The cluster and database the log was written in: a restore elsewhere is detected and needs adopt_restored_log()';
 COMMENT ON VIEW task_events.handler_status IS
-	'One row per handler: position, events behind, seconds behind, processed, failed, dead letters, retry state, workers';
+	'One row per handler: position, events behind, seconds behind, processed, failed, dead letters, retry state, workers, lanes';
 COMMENT ON VIEW task_events.event_rates IS 'Events recorded per type over the last minute';
 COMMENT ON SEQUENCE task_events.events_seq_seq IS 'The order of the event log (events.seq)';
 COMMENT ON SEQUENCE task_events.notifications_notification_id_seq IS 'Ids of task_events.notifications';
@@ -78,6 +78,48 @@ COMMENT ON COLUMN task_events.handler_state.isolate_through IS
 	'The events up to this seq belong to a lost batch and are handled one per batch, each in its own transaction';
 COMMENT ON COLUMN task_events.handler_state.processed IS
 	'Events the handler handled successfully (dead-lettered events are counted in task_events.dead_letters)';
+
+/*
+ * Handler lanes (task_events.set_handler_lanes; docs/design.md, "Handler
+ * lanes"; src/dispatch.c).  A handler's events are split by task into
+ * lanes (_lane_of, as the subscriptions' lanes), and each lane has a
+ * position of its own: one row of handler_state per lane, locked by the
+ * worker running that lane, so that up to lanes workers run the handler at
+ * once, each lane in seq order.  lanes is the number of lanes the row's
+ * position belongs to; rows with lane >= lanes are retired (kept for their
+ * counters, and reused when the lanes grow again).  A change of the number
+ * of lanes waits for every lane to reach lanes_barrier, a snapshot taken by
+ * set_handler_lanes: at that point every lane has handled exactly the
+ * events visible in it, so the new lanes can all start there.
+ */
+ALTER TABLE task_events.handler_state
+	ADD COLUMN lane int NOT NULL DEFAULT 0,
+	ADD COLUMN lanes int NOT NULL DEFAULT 1,
+	ADD COLUMN lanes_barrier pg_catalog.pg_snapshot,
+	DROP CONSTRAINT handler_state_pkey,
+	ADD PRIMARY KEY (handler, lane),
+	ADD CONSTRAINT handler_state_lanes_check
+		CHECK (lane OPERATOR(pg_catalog.>=) 0 AND lanes OPERATOR(pg_catalog.>=) 1
+			   AND lanes OPERATOR(pg_catalog.<=) 64);
+COMMENT ON COLUMN task_events.handler_state.lane IS
+	'The lane whose position the row holds: the events whose task _lane_of puts in it';
+COMMENT ON COLUMN task_events.handler_state.lanes IS
+	'The number of lanes the position belongs to; a row with lane >= lanes is retired';
+COMMENT ON COLUMN task_events.handler_state.lanes_barrier IS
+	'Set while the number of lanes changes: each lane stops there, and the new lanes start there once all have';
+
+/*
+ * The lane of an event: by its task, so that a task's events stay in order.
+ * Without SET search_path, like _unhandled_events, so that it is inlined
+ * into the queries that call it once per event; every name is qualified.
+ */
+CREATE FUNCTION task_events._lane_of(aggregate_id uuid, lanes int)
+	RETURNS int
+	LANGUAGE sql IMMUTABLE PARALLEL SAFE
+	AS $$
+	SELECT (((pg_catalog.uuid_hash($1)::bigint OPERATOR(pg_catalog.%) $2)
+			 OPERATOR(pg_catalog.+) $2) OPERATOR(pg_catalog.%) $2)::int
+$$;
 
 /*
  * The window queries (TE_WINDOW_EVENTS in src/include/commit_horizon.h and
@@ -130,7 +172,8 @@ COMMENT ON FUNCTION task_events._unhandled_events(pg_catalog.pg_snapshot, pg_cat
 
 /*
  * How many events a handler has not handled yet, and since when: those of
- * the types it subscribes to (the others it only moves past).
+ * the types it subscribes to (the others it only moves past), over its
+ * lanes (each lane's position, for the events of its lane).
  */
 CREATE OR REPLACE FUNCTION task_events.handler_backlog(handler text,
 	OUT events_behind bigint, OUT oldest_unhandled timestamptz)
@@ -139,12 +182,16 @@ CREATE OR REPLACE FUNCTION task_events.handler_backlog(handler text,
 	AS $$
 	SELECT pg_catalog.count(*), pg_catalog.min(w.occurred_at)
 	FROM (SELECT COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot) AS ws,
-				 s.window_end AS we, COALESCE(s.window_seq, 0) AS wseq, r.event_types AS types
+				 s.window_end AS we, COALESCE(s.window_seq, 0) AS wseq, r.event_types AS types,
+				 COALESCE(s.lane, 0) AS lane, COALESCE(s.lanes, 1) AS lanes
 		  FROM (SELECT $1 AS handler) AS h
 		  LEFT JOIN task_events.handlers r ON r.handler OPERATOR(pg_catalog.=) h.handler
-		  LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler) AS p
+		  LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler
+			   AND s.lane OPERATOR(pg_catalog.<) s.lanes) AS p
 	CROSS JOIN LATERAL task_events._unhandled_events(p.ws, p.we, p.wseq) AS w
-	WHERE p.types IS NULL OR w.event_type OPERATOR(pg_catalog.=) ANY (p.types)
+	WHERE (p.types IS NULL OR w.event_type OPERATOR(pg_catalog.=) ANY (p.types))
+	  AND (p.lanes OPERATOR(pg_catalog.=) 1
+		   OR task_events._lane_of(w.aggregate_id, p.lanes) OPERATOR(pg_catalog.=) p.lane)
 	$$ LANGUAGE sql STABLE;
 
 /*
@@ -208,10 +255,13 @@ BEGIN
 		WHERE e.seq OPERATOR(pg_catalog.=) p.seq;
 		ALTER TABLE task_events.events ENABLE ALWAYS TRIGGER events_append_only;
 
+		-- Each lane's position, and the barrier of a change of the lanes.
 		UPDATE task_events.handler_state s
-		SET window_start = task_events._adopted_snapshot(s.handler, top_xid),
+		SET window_start = task_events._adopted_snapshot(task_events._position_name(s.handler, s.lane), top_xid),
 			window_end = NULL,
-			window_seq = 0;
+			window_seq = 0,
+			lanes_barrier = CASE WHEN s.lanes_barrier IS NOT NULL
+								 THEN task_events._adopted_snapshot(task_events._position_name(s.handler, -1), top_xid) END;
 		-- A lease names events of the old windows: it ends, they are offered again.
 		UPDATE task_events.subscription_lanes l
 		SET window_start = task_events._adopted_snapshot('subscription:' OPERATOR(pg_catalog.||) l.subscription
@@ -246,6 +296,14 @@ COMMENT ON COLUMN task_events.handlers.enabled IS
 	'false while the handler is paused (task_events.pause_handler)';
 UPDATE task_events.handlers SET event_types = '{TaskCreated,TaskCompleted}'
 WHERE handler OPERATOR(pg_catalog.=) ANY ('{notification,analytics}'::pg_catalog.text[]);
+
+/* The number of lanes set_handler_lanes() asked for (handler_state.lanes: in effect). */
+ALTER TABLE task_events.handlers
+	ADD COLUMN lanes int NOT NULL DEFAULT 1
+		CONSTRAINT handlers_lanes_check
+		CHECK (lanes OPERATOR(pg_catalog.>=) 1 AND lanes OPERATOR(pg_catalog.<=) 64);
+COMMENT ON COLUMN task_events.handlers.lanes IS
+	'The lanes the handler runs in (task_events.set_handler_lanes): up to this many workers run it at once';
 
 CREATE FUNCTION task_events.register_handler(handler text, function regprocedure,
 	event_types text[] DEFAULT NULL, start_at text DEFAULT 'beginning', description text DEFAULT NULL)
@@ -369,6 +427,63 @@ BEGIN
 END
 $$;
 
+/*
+ * Split a handler's events by task into lanes, each run by its own worker
+ * (docs/design.md, "Handler lanes").  Takes effect at once for a handler
+ * that never ran; otherwise every lane first handles the events committed
+ * before this call (the barrier), then the new lanes start from there: no
+ * event is skipped or handled twice, and a task's events stay in order.
+ * Locks as unregister_handler does, waiting for the batches in progress.
+ */
+CREATE FUNCTION task_events.set_handler_lanes(handler text, lanes int)
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	in_effect int;
+BEGIN
+	PERFORM task_events._require_handler(set_handler_lanes.handler);
+	IF set_handler_lanes.lanes IS NULL THEN
+		RAISE EXCEPTION 'lanes must not be null' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF set_handler_lanes.lanes OPERATOR(pg_catalog.<) 1 OR set_handler_lanes.lanes OPERATOR(pg_catalog.>) 64 THEN
+		RAISE EXCEPTION 'lanes must be between 1 and 64, not %', set_handler_lanes.lanes
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('task_events.handler_state'),
+											 pg_catalog.hashtext(set_handler_lanes.handler));
+	PERFORM FROM task_events.handler_state s
+	WHERE s.handler OPERATOR(pg_catalog.=) set_handler_lanes.handler ORDER BY s.lane FOR UPDATE;
+	UPDATE task_events.handlers h SET lanes = set_handler_lanes.lanes
+	WHERE h.handler OPERATOR(pg_catalog.=) set_handler_lanes.handler;
+
+	SELECT pg_catalog.max(s.lanes) INTO in_effect FROM task_events.handler_state s
+	WHERE s.handler OPERATOR(pg_catalog.=) set_handler_lanes.handler;
+	IF in_effect IS NULL THEN
+		-- It never ran: every lane starts at the beginning of the log.
+		INSERT INTO task_events.handler_state (handler, lane, lanes)
+		SELECT set_handler_lanes.handler, l, set_handler_lanes.lanes
+		FROM pg_catalog.generate_series(0, set_handler_lanes.lanes OPERATOR(pg_catalog.-) 1) AS l;
+		RETURN;
+	END IF;
+
+	-- Rows for the lanes to come, retired until the change (lane >= lanes).
+	INSERT INTO task_events.handler_state (handler, lane, lanes)
+	SELECT set_handler_lanes.handler, l, in_effect
+	FROM pg_catalog.generate_series(0, set_handler_lanes.lanes OPERATOR(pg_catalog.-) 1) AS l
+	ON CONFLICT DO NOTHING;
+	-- The barrier: taken once every batch in progress has ended, so that no
+	-- lane's position is past it.  Asking for the lanes in effect cancels a
+	-- change: the lanes go on from where they are.
+	UPDATE task_events.handler_state s
+	SET lanes_barrier = CASE WHEN set_handler_lanes.lanes OPERATOR(pg_catalog.=) in_effect THEN NULL
+							 ELSE task_events._window_snapshot() END
+	WHERE s.handler OPERATOR(pg_catalog.=) set_handler_lanes.handler
+	  AND s.lane OPERATOR(pg_catalog.<) s.lanes;
+END
+$$;
+
 CREATE FUNCTION task_events.pause_handler(handler text)
 	RETURNS void
 	LANGUAGE plpgsql
@@ -399,8 +514,11 @@ REVOKE ALL ON FUNCTION
 	task_events._require_handler(text),
 	task_events.unregister_handler(text),
 	task_events.pause_handler(text),
-	task_events.resume_handler(text)
+	task_events.resume_handler(text),
+	task_events.set_handler_lanes(text, int)
 	FROM PUBLIC;
+COMMENT ON FUNCTION task_events.set_handler_lanes(text, int) IS
+	'Splits a handler''s events by task into 1 to 64 lanes, run by as many workers at once, each task''s events in order';
 
 COMMENT ON FUNCTION task_events.register_handler(text, regprocedure, text[], text, text) IS
 	'Registers a handler: a function taking task_events.events[], called with the events of event_types (NULL: all) from the beginning of the log or from now';
@@ -428,7 +546,11 @@ GRANT EXECUTE ON FUNCTION task_events._workers_state() TO task_events_reader;
 COMMENT ON FUNCTION task_events._workers_state() IS
 	'Internal: whether background workers serve this database (handler_status.workers)';
 
-/* handler_status shows the new columns (appended: the view keeps its others). */
+/*
+ * handler_status shows the new columns (appended: the view keeps its
+ * others), one row per handler over its lanes: position is the highest seq
+ * any lane handled.
+ */
 CREATE OR REPLACE VIEW task_events.handler_status AS
 SELECT h.handler,
 	   h.enabled,
@@ -453,9 +575,27 @@ SELECT h.handler,
 	   NOT h.enabled AS paused,
 	   h.event_types,
 	   h.description,
-	   task_events._workers_state() AS workers
+	   task_events._workers_state() AS workers,
+	   h.lanes
 FROM task_events.handlers h
-LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler
+LEFT JOIN LATERAL (
+	-- Over the handler's lanes: counters of every row (retired ones
+	-- included), the retry state of the lanes in effect, the last error.
+	SELECT pg_catalog.max(x.last_seq) AS last_seq,
+		   pg_catalog.sum(x.processed)::bigint AS processed,
+		   pg_catalog.sum(x.failed)::bigint AS failed,
+		   (pg_catalog.array_agg(x.last_error ORDER BY x.last_error_at DESC NULLS LAST))[1] AS last_error,
+		   (pg_catalog.array_agg(x.last_sqlstate ORDER BY x.last_error_at DESC NULLS LAST))[1] AS last_sqlstate,
+		   pg_catalog.max(x.last_error_at) AS last_error_at,
+		   pg_catalog.max(x.attempts) FILTER (WHERE x.lane OPERATOR(pg_catalog.<) x.lanes) AS attempts,
+		   pg_catalog.min(x.retry_at) FILTER (WHERE x.lane OPERATOR(pg_catalog.<) x.lanes) AS retry_at,
+		   pg_catalog.sum(x.batches)::bigint AS batches,
+		   pg_catalog.sum(x.batch_ms_total) AS batch_ms_total,
+		   pg_catalog.max(x.batch_ms_max) AS batch_ms_max,
+		   pg_catalog.max(x.updated_at) AS updated_at
+	FROM task_events.handler_state x
+	WHERE x.handler OPERATOR(pg_catalog.=) h.handler
+	HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0) s ON true
 CROSS JOIN LATERAL task_events.handler_backlog(h.handler) b;
 
 /*
@@ -475,7 +615,6 @@ CREATE FUNCTION task_events.replay_handler(handler text, from_seq bigint DEFAULT
 	SET search_path = pg_catalog, pg_temp
 	AS $$
 DECLARE
-	st task_events.handler_state;
 	types text[];
 	replayed bigint;
 BEGIN
@@ -487,24 +626,32 @@ BEGIN
 		RAISE EXCEPTION 'from_seq must be at least 1, not %', replay_handler.from_seq
 			USING ERRCODE = 'invalid_parameter_value';
 	END IF;
-	-- Waits for a batch in progress; the handler's next batch waits for this.
-	SELECT * INTO st FROM task_events.handler_state s
-	WHERE s.handler OPERATOR(pg_catalog.=) replay_handler.handler FOR UPDATE;
+	-- Waits for the batches in progress (of every lane); the handler's next
+	-- batches wait for this.
+	PERFORM FROM task_events.handler_state s
+	WHERE s.handler OPERATOR(pg_catalog.=) replay_handler.handler ORDER BY s.lane FOR UPDATE;
 	IF NOT FOUND THEN
 		RETURN 0;				-- it never ran: nothing to handle again
 	END IF;
 	SELECT h.event_types INTO types FROM task_events.handlers h
 	WHERE h.handler OPERATOR(pg_catalog.=) replay_handler.handler;
 
-	-- What the replay will hand to the handler: the events handled when it
-	-- begins, at the end of the window in progress if one is open.
+	-- What the replay will hand to the handler: per lane, the events of the
+	-- lane handled when its replay begins, at the end of the window in
+	-- progress if one is open.
 	SELECT pg_catalog.count(*) INTO replayed
-	FROM task_events.events e
-	WHERE e.seq OPERATOR(pg_catalog.>=) replay_handler.from_seq
-	  AND pg_catalog.pg_visible_in_snapshot(e.xact_id, COALESCE(st.window_end, st.window_start))
-	  AND (types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (types));
+	FROM task_events.handler_state s
+	JOIN task_events.events e
+	  ON pg_catalog.pg_visible_in_snapshot(e.xact_id, COALESCE(s.window_end, s.window_start))
+	WHERE s.handler OPERATOR(pg_catalog.=) replay_handler.handler
+	  AND s.lane OPERATOR(pg_catalog.<) s.lanes
+	  AND e.seq OPERATOR(pg_catalog.>=) replay_handler.from_seq
+	  AND (types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (types))
+	  AND (s.lanes OPERATOR(pg_catalog.=) 1
+		   OR task_events._lane_of(e.aggregate_id, s.lanes) OPERATOR(pg_catalog.=) s.lane);
 	UPDATE task_events.handler_state s SET replay_from_seq = replay_handler.from_seq
-	WHERE s.handler OPERATOR(pg_catalog.=) replay_handler.handler;
+	WHERE s.handler OPERATOR(pg_catalog.=) replay_handler.handler
+	  AND s.lane OPERATOR(pg_catalog.<) s.lanes;
 	RETURN replayed;
 END
 $$;
@@ -523,21 +670,25 @@ CREATE FUNCTION task_events.rebuild_analytics()
 	SET search_path = pg_catalog, pg_temp
 	AS $$
 DECLARE
-	st task_events.handler_state;
 	counted bigint;
 BEGIN
-	SELECT * INTO st FROM task_events.handler_state s
-	WHERE s.handler OPERATOR(pg_catalog.=) 'analytics' FOR UPDATE;
+	PERFORM FROM task_events.handler_state s
+	WHERE s.handler OPERATOR(pg_catalog.=) 'analytics' ORDER BY s.lane FOR UPDATE;
 
+	-- The events its lanes' positions (each for the events of its lane) say are handled.
 	CREATE TEMP TABLE te_counted ON COMMIT DROP AS
 	SELECT e.user_id, e.event_type, e.aggregate_id, e.occurred_at
 	FROM task_events.events e
-	WHERE st.handler IS NOT NULL
-	  AND e.event_type OPERATOR(pg_catalog.=) ANY ('{TaskCreated,TaskCompleted}'::pg_catalog.text[])
-	  AND (pg_catalog.pg_visible_in_snapshot(e.xact_id, st.window_start)
-		   OR (st.window_end IS NOT NULL
-			   AND pg_catalog.pg_visible_in_snapshot(e.xact_id, st.window_end)
-			   AND e.seq OPERATOR(pg_catalog.<=) st.window_seq))
+	WHERE e.event_type OPERATOR(pg_catalog.=) ANY ('{TaskCreated,TaskCompleted}'::pg_catalog.text[])
+	  AND EXISTS (SELECT FROM task_events.handler_state st
+				  WHERE st.handler OPERATOR(pg_catalog.=) 'analytics'
+					AND st.lane OPERATOR(pg_catalog.<) st.lanes
+					AND (st.lanes OPERATOR(pg_catalog.=) 1
+						 OR task_events._lane_of(e.aggregate_id, st.lanes) OPERATOR(pg_catalog.=) st.lane)
+					AND (pg_catalog.pg_visible_in_snapshot(e.xact_id, st.window_start)
+						 OR (st.window_end IS NOT NULL
+							 AND pg_catalog.pg_visible_in_snapshot(e.xact_id, st.window_end)
+							 AND e.seq OPERATOR(pg_catalog.<=) st.window_seq)))
 	  AND NOT EXISTS (SELECT FROM task_events.dead_letters d
 					  WHERE d.handler OPERATOR(pg_catalog.=) 'analytics'
 						AND d.seq OPERATOR(pg_catalog.=) e.seq);
@@ -805,19 +956,6 @@ BEGIN
 		DELETE FROM task_events.handlers h WHERE h.handler OPERATOR(pg_catalog.=) 'subscriptions';
 	END IF;
 END
-$$;
-
-/*
- * The lane of an event: by its task, so that a task's events stay in order.
- * Without SET search_path, like _unhandled_events, so that it is inlined
- * into the queries that call it once per event; every name is qualified.
- */
-CREATE FUNCTION task_events._lane_of(aggregate_id uuid, lanes int)
-	RETURNS int
-	LANGUAGE sql IMMUTABLE PARALLEL SAFE
-	AS $$
-	SELECT (((pg_catalog.uuid_hash($1)::bigint OPERATOR(pg_catalog.%) $2)
-			 OPERATOR(pg_catalog.+) $2) OPERATOR(pg_catalog.%) $2)::int
 $$;
 
 /* Backoff before the next attempt after n failed ones (as dead_letters.c). */
@@ -1316,8 +1454,27 @@ COMMENT ON FUNCTION task_events.retry_dead_letters(text) IS
 	'Queues the dead letters of a handler or a subscription (NULL: all) for one more attempt; returns how many';
 
 /*
- * Every position in the log, named: the handlers' (by handler) and the
- * subscription lanes' ('subscription:<name>:<lane>'), for adopt_restored_log.
+ * The name of a handler lane's position for adopt_restored_log: the
+ * handler's for lane 0, '<handler>:<lane>' for the others, and
+ * '<handler>:barrier' (lane -1) for the barrier of a change of its lanes.
+ */
+CREATE FUNCTION task_events._position_name(handler text, lane int)
+	RETURNS text
+	LANGUAGE sql IMMUTABLE
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+	SELECT CASE WHEN $2 OPERATOR(pg_catalog.=) 0 THEN $1
+				WHEN $2 OPERATOR(pg_catalog.<) 0 THEN $1 OPERATOR(pg_catalog.||) ':barrier'
+				ELSE $1 OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) $2 END
+$$;
+REVOKE ALL ON FUNCTION task_events._position_name(text, int) FROM PUBLIC;
+COMMENT ON FUNCTION task_events._position_name(text, int) IS
+	'Internal: the name of a handler lane''s position (adopt_restored_log)';
+
+/*
+ * Every position in the log, named: the handlers' lanes' and barriers'
+ * (_position_name) and the subscription lanes' ('subscription:<name>:<lane>'),
+ * for adopt_restored_log.
  */
 CREATE FUNCTION task_events._positions(OUT name text, OUT window_start pg_catalog.pg_snapshot,
 	OUT window_end pg_catalog.pg_snapshot, OUT window_seq bigint)
@@ -1325,7 +1482,13 @@ CREATE FUNCTION task_events._positions(OUT name text, OUT window_start pg_catalo
 	LANGUAGE sql STABLE
 	SET search_path = pg_catalog, pg_temp
 	AS $$
-	SELECT s.handler, s.window_start, s.window_end, s.window_seq FROM task_events.handler_state s
+	SELECT task_events._position_name(s.handler, s.lane), s.window_start, s.window_end, s.window_seq
+	FROM task_events.handler_state s
+	WHERE s.lane OPERATOR(pg_catalog.<) s.lanes
+	UNION ALL
+	SELECT task_events._position_name(s.handler, -1), s.lanes_barrier, NULL, 0
+	FROM task_events.handler_state s
+	WHERE s.lane OPERATOR(pg_catalog.=) 0 AND s.lanes_barrier IS NOT NULL
 	UNION ALL
 	SELECT 'subscription:' OPERATOR(pg_catalog.||) l.subscription OPERATOR(pg_catalog.||) ':'
 		   OPERATOR(pg_catalog.||) l.lane, l.window_start, l.window_end, l.window_seq

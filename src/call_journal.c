@@ -43,7 +43,7 @@
 #include "call_journal.h"
 
 #define TE_JOURNAL_DIR "task_events"
-#define TE_JOURNAL_MAGIC 0x54454331		/* "TEC1" */
+#define TE_JOURNAL_MAGIC 0x54454332		/* "TEC2": CalledRange with lane */
 
 typedef struct JournalRecord
 {

@@ -25,6 +25,17 @@
  * (isolate_through), so that the next loss names the event that causes it.
  * The state row's generation, bumped at every save, tells a lost batch from
  * one that committed.
+ *
+ * Lanes (set_handler_lanes(); docs/design.md, "Handler lanes").  A handler
+ * may split its events by task into lanes (task_events._lane_of), each with
+ * a state row of its own: a position, retry state and generation, as above,
+ * for the events of its lane only.  The rows are locked one by one, so up
+ * to that many workers run the handler at once; a task's events are all in
+ * one lane, handled there in seq order.  Everything above holds per lane.
+ * The dead letters' retries run in lane 0.  A change of the number of lanes
+ * waits at a barrier (a snapshot set_handler_lanes took): each lane stops
+ * its windows there, and once every lane has, the batch that finds them all
+ * there moves them all to the new lanes at once (te_try_change_lanes).
  */
 #include "postgres.h"
 
@@ -43,6 +54,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgrprotos.h"
 #include "utils/fmgroids.h"
 #include "utils/rel.h"
 #include "utils/lsyscache.h"
@@ -64,7 +76,10 @@ static SPIPlanPtr te_lock_plan = NULL;
 static SPIPlanPtr te_claim_state_plan = NULL;
 static SPIPlanPtr te_create_state_plan = NULL;
 static SPIPlanPtr te_batch_plan = NULL;
+static SPIPlanPtr te_lane_batch_plan = NULL;
 static SPIPlanPtr te_save_plan = NULL;
+static SPIPlanPtr te_lanes_ready_plan = NULL;
+static SPIPlanPtr te_change_lanes_plan = NULL;
 
 /* Value of column col of SPI result row 0, copied into the current context. */
 static Datum
@@ -75,6 +90,14 @@ te_result_datum(int col, bool *isnull)
 									  col, isnull);
 
 	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
+}
+
+/* Whether the pg_snapshots a and b are the same (their text forms). */
+static bool
+te_snapshot_equal(Datum a, Datum b)
+{
+	return strcmp(DatumGetCString(DirectFunctionCall1(pg_snapshot_out, a)),
+				  DatumGetCString(DirectFunctionCall1(pg_snapshot_out, b))) == 0;
 }
 
 /* A one-element task_events.events[] holding event. */
@@ -101,15 +124,16 @@ te_event_seq(Datum event)
 }
 
 /*
- * Lock the handler's state row (FOR UPDATE SKIP LOCKED), creating it first
- * when the peek found none, and load it into *st.  False when the handler
- * is disabled or gone, or being run by someone else right now.
+ * Lock the state row of the handler's lane (FOR UPDATE SKIP LOCKED),
+ * creating it first when the peek found none (a handler that never ran
+ * has one lane), and load it into *st.  False when the handler is disabled
+ * or gone, the lane retired, or being run by someone else right now.
  */
 static bool
 te_lock_state(HandlerState *st)
 {
-	static const Oid argtypes[] = {TEXTOID};
-	Datum		values[1];
+	static const Oid argtypes[] = {TEXTOID, INT4OID};
+	Datum		values[2];
 	bool		isnull;
 	bool		claimed;
 
@@ -129,7 +153,7 @@ te_lock_state(HandlerState *st)
 		te_prepare_kept(&te_claim_state_plan,
 						"SELECT pg_catalog.pg_try_advisory_xact_lock("
 						"  pg_catalog.hashtext('task_events.handler_state'), pg_catalog.hashtext($1))",
-						lengthof(argtypes), argtypes);
+						1, argtypes);
 		te_execute_kept(te_claim_state_plan, values, NULL, SPI_OK_SELECT);
 		claimed = DatumGetBool(te_result_datum(1, &isnull));
 		SPI_freetuptable(SPI_tuptable);
@@ -141,7 +165,7 @@ te_lock_state(HandlerState *st)
 						" SELECT h.handler FROM task_events.handlers h"
 						" WHERE h.handler OPERATOR(pg_catalog.=) $1"
 						" ON CONFLICT DO NOTHING RETURNING true",
-						lengthof(argtypes), argtypes);
+						1, argtypes);
 		te_execute_kept(te_create_state_plan, values, NULL, SPI_OK_INSERT_RETURNING);
 		if (SPI_processed == 0)
 		{
@@ -155,12 +179,14 @@ te_lock_state(HandlerState *st)
 					"SELECT h.function::pg_catalog.oid, s.window_start, s.window_end,"
 					"       s.window_seq, s.last_seq, s.failing_seq, s.attempts, s.retry_at,"
 					"       s.isolate_through, s.generation, s.last_sqlstate, s.last_error,"
-					"       h.event_types, s.replay_from_seq"
+					"       h.event_types, s.replay_from_seq, s.lanes, s.lanes_barrier"
 					" FROM task_events.handlers h"
 					" JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
 					" WHERE h.handler OPERATOR(pg_catalog.=) $1 AND h.enabled"
+					"   AND s.lane OPERATOR(pg_catalog.=) $2 AND s.lane OPERATOR(pg_catalog.<) s.lanes"
 					" FOR UPDATE OF s SKIP LOCKED",
 					lengthof(argtypes), argtypes);
+	values[1] = Int32GetDatum(st->lane);
 	te_execute_kept(te_lock_plan, values, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 	{
@@ -182,15 +208,31 @@ te_lock_state(HandlerState *st)
 	st->last_message = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 12);
 	st->event_types = te_result_datum(13, &isnull);
 	st->replay_from_seq = DatumGetInt64(te_result_datum(14, &isnull));
+	st->lanes = DatumGetInt32(te_result_datum(15, &isnull));
+	st->lanes_barrier = te_result_datum(16, &isnull);
 	SPI_freetuptable(SPI_tuptable);
 	return true;
+}
+
+/*
+ * Whether the lane has handled every event before the barrier of a change
+ * of the lanes, and nothing after: no window open, its position at the
+ * barrier.
+ */
+static bool
+te_at_barrier(const HandlerState *st)
+{
+	return st->lanes_barrier != (Datum) 0 && st->window.end == (Datum) 0 &&
+		te_snapshot_equal(st->window.start, st->lanes_barrier);
 }
 
 /*
  * Open a window if none is open: from the position up to the snapshot the
  * peek took, when nobody moved the position since (it saves a query; an
  * older end only makes the window smaller), else up to the active
- * snapshot.  False when that window holds no event.
+ * snapshot.  While the lanes change, up to the barrier instead, and no
+ * further: a window that would be empty moves the position to the barrier
+ * at once.  False when that window holds no event.
  */
 static bool
 te_open_handler_window(HandlerState *st)
@@ -200,6 +242,20 @@ te_open_handler_window(HandlerState *st)
 
 	if (st->window.end != (Datum) 0)
 		return true;
+	if (st->lanes_barrier != (Datum) 0)
+	{
+		if (te_at_barrier(st))
+			return false;
+		min_seq = te_window_min_seq(st->window.start, st->lanes_barrier);
+		if (min_seq == 0)
+		{
+			st->window.start = st->lanes_barrier;
+			st->changed = true;
+			return false;
+		}
+		/* Not "opened" by this batch: its end is old, look again after it. */
+		return te_open_window(&st->window, st->lanes_barrier, min_seq);
+	}
 	if (datumIsEqual(st->window.start, st->peek->window_start, false, -1))
 	{
 		end = st->peek->window_end;
@@ -308,6 +364,7 @@ te_call(HandlerState *st, Datum events, bool retries, MemoryContext cxt, ErrorDa
 
 	memset(&call, 0, sizeof(call));
 	strlcpy(call.handler, st->handler, NAMEDATALEN);
+	call.lane = st->lane;
 	call.generation = st->generation;
 	call.first_seq = first_seq;
 	call.last_seq = last_seq;
@@ -323,37 +380,61 @@ te_call(HandlerState *st, Datum events, bool retries, MemoryContext cxt, ErrorDa
 }
 
 /*
- * Fetch the next max_events events of the open window, after window_seq,
- * in seq order (TE_IN_WINDOW: what the walk costs).  Returns how many there were and sets *max_seq to the last
- * one's seq; *batch gets those the handler is called with (event_types) as
- * one task_events.events[], (Datum) 0 when none, and *nbatch their number.
+ * The query of te_fetch_batch; lane_filter narrows it to the events of lane
+ * $7 of $6 lanes.  Two plans: only a handler with lanes calls _lane_of, so
+ * that a worker role without EXECUTE on it runs the others.
+ */
+#define TE_BATCH_SQL(lane_filter) \
+	"SELECT pg_catalog.array_agg(b.e ORDER BY (b.e).seq) FILTER (WHERE b.called)," \
+	"       pg_catalog.count(*) FILTER (WHERE b.called)," \
+	"       pg_catalog.count(*), pg_catalog.max((b.e).seq)" \
+	" FROM (SELECT e, ($5 IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY ($5)) AS called" \
+	"       FROM task_events.events e" \
+	"       WHERE e.seq OPERATOR(pg_catalog.>) $3" \
+	"         AND " TE_IN_WINDOW("e.xact_id", "$1", "$2") \
+	lane_filter \
+	"       ORDER BY e.seq LIMIT $4) b"
+
+/*
+ * Fetch the next max_events events of the lane in the open window, after
+ * window_seq, in seq order (TE_IN_WINDOW: what the walk costs; a lane walks
+ * over the other lanes' events too).  Returns how many there were and sets
+ * *max_seq to the last one's seq; *batch gets those the handler is called
+ * with (event_types) as one task_events.events[], (Datum) 0 when none, and
+ * *nbatch their number.
  */
 static int64
 te_fetch_batch(HandlerState *st, int max_events, Datum *batch, int64 *nbatch, int64 *max_seq)
 {
-	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT4OID, TEXTARRAYOID};
-	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	static const Oid argtypes[] = {PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT4OID, TEXTARRAYOID,
+	INT4OID, INT4OID};
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	bool		isnull;
 	int64		count;
+	SPIPlanPtr	plan;
 
-	te_prepare_kept(&te_batch_plan,
-					"SELECT pg_catalog.array_agg(b.e ORDER BY (b.e).seq) FILTER (WHERE b.called),"
-					"       pg_catalog.count(*) FILTER (WHERE b.called),"
-					"       pg_catalog.count(*), pg_catalog.max((b.e).seq)"
-					" FROM (SELECT e, ($5 IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY ($5)) AS called"
-					"       FROM task_events.events e"
-					"       WHERE e.seq OPERATOR(pg_catalog.>) $3"
-					"         AND " TE_IN_WINDOW("e.xact_id", "$1", "$2")
-					"       ORDER BY e.seq LIMIT $4) b",
-					lengthof(argtypes), argtypes);
+	if (st->lanes == 1)
+	{
+		te_prepare_kept(&te_batch_plan, TE_BATCH_SQL(""), 5, argtypes);
+		plan = te_batch_plan;
+	}
+	else
+	{
+		te_prepare_kept(&te_lane_batch_plan,
+						TE_BATCH_SQL("     AND task_events._lane_of(e.aggregate_id, $6) OPERATOR(pg_catalog.=) $7"),
+						lengthof(argtypes), argtypes);
+		plan = te_lane_batch_plan;
+	}
+	values[5] = Int32GetDatum(st->lanes);
+	values[6] = Int32GetDatum(st->lane);
 	values[0] = st->window.start;
 	values[1] = st->window.end;
 	values[2] = Int64GetDatum(st->window.seq);
 	values[3] = Int32GetDatum(max_events);
 	values[4] = st->event_types;
 	nulls[4] = st->event_types ? ' ' : 'n';
-	te_execute_kept(te_batch_plan, values, nulls, SPI_OK_SELECT);
+	te_execute_kept(plan, values, nulls, SPI_OK_SELECT);
 	*batch = te_result_datum(1, &isnull);
 	*nbatch = DatumGetInt64(te_result_datum(2, &isnull));
 	count = DatumGetInt64(te_result_datum(3, &isnull));
@@ -362,16 +443,17 @@ te_fetch_batch(HandlerState *st, int max_events, Datum *batch, int64 *nbatch, in
 	return count;
 }
 
-/* Write the handler's new position, retry state and counters. */
+/* Write the lane's new position, retry state and counters. */
 static void
 te_save_state(HandlerState *st)
 {
 	static const Oid argtypes[] = {
 		TEXTOID, PG_SNAPSHOTOID, PG_SNAPSHOTOID, INT8OID, INT8OID, INT8OID, INT4OID,
-		TIMESTAMPTZOID, TEXTOID, TEXTOID, INT8OID, INT8OID, INT4OID, FLOAT8OID, INT8OID, INT8OID
+		TIMESTAMPTZOID, TEXTOID, TEXTOID, INT8OID, INT8OID, INT4OID, FLOAT8OID, INT8OID, INT8OID,
+		INT4OID
 	};
-	Datum		values[16];
-	char		nulls[16];
+	Datum		values[17];
+	char		nulls[17];
 
 	te_prepare_kept(&te_save_plan,
 					"UPDATE task_events.handler_state SET"
@@ -389,7 +471,7 @@ te_save_state(HandlerState *st)
 					" isolate_through = $15, replay_from_seq = $16,"
 					" generation = generation OPERATOR(pg_catalog.+) 1,"
 					" updated_at = pg_catalog.clock_timestamp()"
-					" WHERE handler OPERATOR(pg_catalog.=) $1",
+					" WHERE handler OPERATOR(pg_catalog.=) $1 AND lane OPERATOR(pg_catalog.=) $17",
 					lengthof(argtypes), argtypes);
 
 	memset(nulls, ' ', sizeof(nulls));
@@ -418,7 +500,75 @@ te_save_state(HandlerState *st)
 	values[14] = Int64GetDatum(st->isolate_through);
 	values[15] = Int64GetDatum(st->replay_from_seq);
 	nulls[15] = st->replay_from_seq ? ' ' : 'n';
+	values[16] = Int32GetDatum(st->lane);
 	te_execute_kept(te_save_plan, values, nulls, SPI_OK_UPDATE);
+}
+
+/*
+ * Move every lane of the handler to the number of lanes set_handler_lanes()
+ * asked for, once every lane in effect is at the barrier with no retry or
+ * replay pending: each has then handled exactly the events of its lane
+ * visible in the barrier, so the new lanes all start there, and no event is
+ * skipped or handled twice.  Only when every row of the handler can be
+ * locked at once (SKIP LOCKED: a lane's batch or set_handler_lanes() holds
+ * the others); else a later batch of a lane at the barrier tries again
+ * (the peek finds work for each lane while the lanes change).  Returns
+ * whether the lanes changed.  Assumes st's row is locked and saved, in the
+ * batch's transaction.
+ */
+static bool
+te_try_change_lanes(HandlerState *st)
+{
+	static const Oid ready_types[] = {TEXTOID};
+	static const Oid change_types[] = {TEXTOID, INT4OID, PG_SNAPSHOTOID};
+	Datum		values[3];
+	bool		isnull;
+	int64		locked;
+	int64		not_ready;
+	int64		rows;
+	int32		wanted;
+
+	te_prepare_kept(&te_lanes_ready_plan,
+					"SELECT pg_catalog.count(*),"
+					"       pg_catalog.count(*) FILTER (WHERE l.lane OPERATOR(pg_catalog.<) l.lanes AND NOT"
+					"         (l.window_end IS NULL AND l.failing_seq IS NULL AND l.replay_from_seq IS NULL"
+					"          AND l.window_start::pg_catalog.text OPERATOR(pg_catalog.=)"
+					"              l.lanes_barrier::pg_catalog.text)),"
+					"       (SELECT pg_catalog.count(*) FROM task_events.handler_state x"
+					"        WHERE x.handler OPERATOR(pg_catalog.=) $1),"
+					"       (SELECT h.lanes FROM task_events.handlers h WHERE h.handler OPERATOR(pg_catalog.=) $1)"
+					" FROM (SELECT s.lane, s.lanes, s.window_start, s.window_end, s.failing_seq,"
+					"              s.replay_from_seq, s.lanes_barrier"
+					"       FROM task_events.handler_state s WHERE s.handler OPERATOR(pg_catalog.=) $1"
+					"       FOR UPDATE SKIP LOCKED) l",
+					lengthof(ready_types), ready_types);
+	values[0] = CStringGetTextDatum(st->handler);
+	te_execute_kept(te_lanes_ready_plan, values, NULL, SPI_OK_SELECT);
+	locked = DatumGetInt64(te_result_datum(1, &isnull));
+	not_ready = DatumGetInt64(te_result_datum(2, &isnull));
+	rows = DatumGetInt64(te_result_datum(3, &isnull));
+	wanted = DatumGetInt32(te_result_datum(4, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	if (isnull || locked != rows || not_ready != 0 || rows < wanted)
+		return false;
+
+	te_prepare_kept(&te_change_lanes_plan,
+					"UPDATE task_events.handler_state SET"
+					" lanes = $2, lanes_barrier = NULL,"
+					" window_start = $3, window_end = NULL, window_seq = 0,"
+					" failing_seq = NULL, attempts = 0, retry_at = NULL, isolate_through = 0,"
+					" replay_from_seq = NULL,"
+					" generation = generation OPERATOR(pg_catalog.+) 1,"
+					" updated_at = pg_catalog.clock_timestamp()"
+					" WHERE handler OPERATOR(pg_catalog.=) $1",
+					lengthof(change_types), change_types);
+	values[1] = Int32GetDatum(wanted);
+	values[2] = st->lanes_barrier;
+	te_execute_kept(te_change_lanes_plan, values, NULL, SPI_OK_UPDATE);
+	ereport(LOG,
+			(errmsg("task_events: handler \"%s\" now runs in %d lanes", st->handler, wanted),
+			 errdetail("Its %d lanes all reached the barrier set_handler_lanes() set.", st->lanes)));
+	return true;
 }
 
 /*
@@ -463,8 +613,9 @@ te_require_schema_version(void)
 }
 
 /*
- * Which enabled handlers (or only the one named, when only is not NULL)
- * have work, in name order, as a list of HandlerPeek allocated in cxt.  One
+ * Which lanes of the enabled handlers (or only the one named, when only is
+ * not NULL) have work, in name and lane order, as a list of HandlerPeek
+ * allocated in cxt.  One
  * read-only query for all of them, so that an idle round takes no lock,
  * writes nothing and costs one statement.  Assumes SPI is connected and an
  * active snapshot; the peeks stay valid in later transactions (a window
@@ -499,19 +650,22 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 	te_prepare_kept(&te_peek_plan,
 					"SELECT h.handler, p.ws, s.window_end IS NOT NULL OR s.replay_from_seq IS NOT NULL, s.retry_at,"
 					"       CASE WHEN s.window_end IS NULL THEN " TE_WINDOW_MIN_SEQ("p.ws", "$1") " END,"
-					"       EXISTS (SELECT FROM task_events.dead_letters d"
-					"               WHERE d.handler OPERATOR(pg_catalog.=) h.handler AND d.retry_requested),"
+					"       COALESCE(s.lane, 0) OPERATOR(pg_catalog.=) 0"
+					"       AND EXISTS (SELECT FROM task_events.dead_letters d"
+					"                   WHERE d.handler OPERATOR(pg_catalog.=) h.handler AND d.retry_requested),"
 					"       s.handler IS NOT NULL,"
 					"       GREATEST(pg_catalog.pg_snapshot_xmax(p.ws), pg_catalog.pg_snapshot_xmax(s.window_end))"
 					"         OPERATOR(pg_catalog.>) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
 					"       OR (SELECT pg_catalog.max(e.xact_id) FROM task_events.events e"
 					"          WHERE e.xact_id OPERATOR(pg_catalog.<>) COALESCE(pg_catalog.pg_current_xact_id_if_assigned(), '0'::pg_catalog.xid8))"
-					"         OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
+					"         OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()),"
+					"       COALESCE(s.lane, 0), s.lanes_barrier IS NOT NULL"
 					" FROM task_events.handlers h"
 					" LEFT JOIN task_events.handler_state s ON s.handler OPERATOR(pg_catalog.=) h.handler"
+					"      AND s.lane OPERATOR(pg_catalog.<) s.lanes"
 					" CROSS JOIN LATERAL (SELECT COALESCE(s.window_start, '1:1:'::pg_catalog.pg_snapshot) AS ws) p"
 					" WHERE h.enabled AND ($2 IS NULL OR h.handler OPERATOR(pg_catalog.=) $2)"
-					" ORDER BY h.handler",
+					" ORDER BY h.handler, s.lane",
 					lengthof(argtypes), argtypes);
 	values[0] = now_snapshot;
 	values[1] = only ? CStringGetTextDatum(only) : (Datum) 0;
@@ -541,9 +695,11 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 		value = SPI_getbinval(row, desc, 8, &isnull);
 		if (!isnull && DatumGetBool(value))
 			te_report_log_in_future();
+		peek->lane = DatumGetInt32(SPI_getbinval(row, desc, 9, &isnull));
+		peek->lanes_changing = DatumGetBool(SPI_getbinval(row, desc, 10, &isnull));
 		peek->backing_off = peek->retry_at > now;
 		peek->has_work = !peek->backing_off &&
-			(window_open || peek->min_seq != 0 || peek->retries_queued);
+			(window_open || peek->min_seq != 0 || peek->retries_queued || peek->lanes_changing);
 		peeks = lappend(peeks, peek);
 		MemoryContextSwitchTo(old);
 	}
@@ -552,8 +708,8 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 }
 
 /*
- * Run one batch of the handler that peek found with work: lock its state
- * row; then either retry the dead letters queued for it, or handle up to
+ * Run one batch of the handler's lane that peek found with work: lock its
+ * state row; then either retry the dead letters queued for it, or handle up to
  * max_events events of its window in seq order (one, while the events of a
  * lost batch are isolated); and save its position.  All in the caller's
  * transaction; assumes SPI is connected and an active snapshot.  Returns
@@ -574,6 +730,7 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 	bool		retried = false;
 	bool		window_done = false;
 	bool		stopped = false;
+	bool		lanes_changed = false;
 
 	memset(outcome, 0, sizeof(*outcome));
 	(void) te_take_durable_commit_request();
@@ -587,6 +744,7 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 
 	memset(&st, 0, sizeof(st));
 	st.handler = peek->handler;
+	st.lane = peek->lane;
 	st.peek = peek;
 	if (!te_lock_state(&st))
 		return false;
@@ -628,6 +786,8 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 	st.batch_ms = (double) (GetCurrentTimestamp() - started) / 1000.0;
 	if (st.changed)
 		te_save_state(&st);
+	if (!stopped && te_at_barrier(&st))
+		lanes_changed = te_try_change_lanes(&st);
 
 	outcome->done = st.done;
 	outcome->failed = st.failed;
@@ -645,6 +805,6 @@ te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outc
 	 */
 	outcome->more = !stopped &&
 		(retried || (count > 0 && !window_done) ||
-		 (window_done && !st.opened_window));
+		 (window_done && !st.opened_window) || lanes_changed);
 	return true;
 }

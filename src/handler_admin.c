@@ -40,13 +40,29 @@ te_require_handler(const char *handler)
 				 errhint("The handlers are listed in task_events.handlers.")));
 }
 
+/* The peek of lane in peeks, or NULL (the lane was retired meanwhile). */
+static const HandlerPeek *
+te_find_lane(List *peeks, int32 lane)
+{
+	ListCell   *lc;
+
+	foreach(lc, peeks)
+	{
+		const HandlerPeek *peek = lfirst(lc);
+
+		if (peek->lane == lane)
+			return peek;
+	}
+	return NULL;
+}
+
 /*
- * Run handler until it has no more work or max_events were handled;
- * returns the number handled.  Each batch gets a fresh snapshot (under READ
- * COMMITTED) and its own memory context.
+ * Run a lane of handler until it has no more work or max_events were
+ * handled; returns the number handled.  Each batch gets a fresh snapshot
+ * (under READ COMMITTED) and its own memory context.
  */
 static int64
-te_drain_handler(const char *handler, int64 max_events)
+te_drain_handler(const char *handler, int32 lane, int64 max_events)
 {
 	MemoryContext batch_cxt = AllocSetContextCreate(CurrentMemoryContext,
 													"task_events process_pending",
@@ -56,14 +72,14 @@ te_drain_handler(const char *handler, int64 max_events)
 	while (handled < max_events)
 	{
 		MemoryContext old = MemoryContextSwitchTo(batch_cxt);
-		List	   *peeks;
+		const HandlerPeek *peek;
 		BatchOutcome outcome;
 		bool		ran = false;
 
 		PushActiveSnapshot(GetTransactionSnapshot());
-		peeks = te_peek_handlers(handler, batch_cxt);
-		if (peeks != NIL)
-			ran = te_run_handler_batch(linitial(peeks),
+		peek = te_find_lane(te_peek_handlers(handler, batch_cxt), lane);
+		if (peek != NULL)
+			ran = te_run_handler_batch(peek,
 									   (int) Min(te_batch_size, max_events - handled),
 									   &outcome);
 		PopActiveSnapshot();
@@ -86,8 +102,9 @@ te_drain_handler(const char *handler, int64 max_events)
  *
  * Runs the named handler (or every enabled one) in the caller's
  * transaction, with the code the workers run, until it has nothing left or
- * max_events events were handled per handler.  Returns the number of
- * events handled.  A handler a worker is running right now is skipped.
+ * max_events events were handled per handler lane, one lane after the
+ * other.  Returns the number of events handled.  A lane a worker is
+ * running right now is skipped.
  */
 PG_FUNCTION_INFO_V1(process_pending);
 Datum
@@ -114,7 +131,7 @@ process_pending(PG_FUNCTION_ARGS)
 	{
 		const HandlerPeek *peek = lfirst(lc);
 
-		handled += te_drain_handler(peek->handler, max_events);
+		handled += te_drain_handler(peek->handler, peek->lane, max_events);
 	}
 	SPI_finish();
 	PG_RETURN_INT64(handled);

@@ -22,7 +22,8 @@
  * worker ran the handler since.  A generation behind the call's means that
  * the batches before it were lost too (asynchronous commits, undone by the
  * crash): the call did not commit either, and is counted.  A handler's first batch also creates its
- * state row, which is lost with it: the row is created again here.
+ * state row, which is lost with it: the row is created again here.  All of
+ * this is per lane: the call names its lane, whose state row is counted.
  */
 #include "postgres.h"
 
@@ -48,12 +49,13 @@ static SPIPlanPtr te_lost_retries_plan = NULL;
 bool
 te_record_lost_batch(const CalledRange *calls, int sqlerrcode, const char *message)
 {
-	static const Oid lock_types[] = {TEXTOID, INT8OID};
-	static const Oid save_types[] = {TEXTOID, INT8OID, INT4OID, TIMESTAMPTZOID, INT8OID, TEXTOID, TEXTOID};
+	static const Oid lock_types[] = {TEXTOID, INT8OID, INT4OID};
+	static const Oid save_types[] = {TEXTOID, INT8OID, INT4OID, TIMESTAMPTZOID, INT8OID, TEXTOID, TEXTOID,
+	INT4OID};
 	static const Oid retry_types[] = {TEXTOID, INT8OID, INT8OID, TEXTOID, TEXTOID};
 	const char *sqlstate = unpack_sql_state(sqlerrcode);
-	Datum		values[7];
-	char		nulls[7];
+	Datum		values[8];
+	char		nulls[8];
 	bool		isnull;
 	int64		failing_seq;
 	int32		attempts;
@@ -65,11 +67,13 @@ te_record_lost_batch(const CalledRange *calls, int sqlerrcode, const char *messa
 					" FROM task_events.handler_state s"
 					" WHERE s.handler OPERATOR(pg_catalog.=) $1"
 					"   AND s.generation OPERATOR(pg_catalog.<=) $2"
+					"   AND s.lane OPERATOR(pg_catalog.=) $3"
 					" FOR UPDATE",
 					lengthof(lock_types), lock_types);
 	values[0] = CStringGetTextDatum(calls->handler);
 	values[1] = Int64GetDatum(calls->generation);
-	if (calls->generation == 0)
+	values[2] = Int32GetDatum(calls->lane);
+	if (calls->generation == 0 && calls->lane == 0)
 	{
 		te_prepare_kept(&te_lost_create_plan,
 						"INSERT INTO task_events.handler_state (handler)"
@@ -123,8 +127,9 @@ te_record_lost_batch(const CalledRange *calls, int sqlerrcode, const char *messa
 					" last_sqlstate = $6, last_error = $7, last_error_at = pg_catalog.clock_timestamp(),"
 					" failed = failed OPERATOR(pg_catalog.+) 1,"
 					" generation = generation OPERATOR(pg_catalog.+) 1"
-					" WHERE handler OPERATOR(pg_catalog.=) $1",
+					" WHERE handler OPERATOR(pg_catalog.=) $1 AND lane OPERATOR(pg_catalog.=) $8",
 					lengthof(save_types), save_types);
+	values[7] = Int32GetDatum(calls->lane);
 	values[1] = Int64GetDatum(failing_seq);
 	nulls[1] = failing_seq != 0 ? ' ' : 'n';	/* no NULLIF: its = follows search_path */
 	values[2] = Int32GetDatum(attempts);

@@ -6,7 +6,7 @@
  * in each database where the extension exists.  Each worker connects to
  * its database as task_events.worker_role and loops: one batch per
  * enabled handler, each in its own transaction, for as long as there is
- * work; then it sleeps on its latch until a committing writer sets it
+ * work (one batch per lane of a handler with lanes); then it sleeps on its latch until a committing writer sets it
  * (wakeup.c), the poll interval passes, or the earliest retry of a failing
  * handler is due.  Workers share the handlers: a handler whose state row
  * another worker holds is skipped.
@@ -359,7 +359,7 @@ te_run_round(TimestampTz *next_retry, bool *installed)
 	foreach(lc, peeks)
 	{
 		const HandlerPeek *peek = lfirst(lc);
-		char		activity[NAMEDATALEN + 32];
+		char		activity[NAMEDATALEN + 48];
 		BatchOutcome outcome;
 
 		memset(&outcome, 0, sizeof(outcome));
@@ -367,7 +367,11 @@ te_run_round(TimestampTz *next_retry, bool *installed)
 		{
 			CHECK_FOR_INTERRUPTS();
 			te_reload_config_if_pending();
-			snprintf(activity, sizeof(activity), "handling events: %s", peek->handler);
+			if (peek->lane == 0)
+				snprintf(activity, sizeof(activity), "handling events: %s", peek->handler);
+			else
+				snprintf(activity, sizeof(activity), "handling events: %s lane %d",
+						 peek->handler, peek->lane);
 			/* Dropped since the peek: the next round sees that. */
 			if (te_begin_work(activity))
 				(void) te_run_handler_batch(peek, te_batch_size, &outcome);

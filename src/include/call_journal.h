@@ -6,13 +6,14 @@
 
 /*
  * Handler calls whose outcome may be lost with their process or their
- * transaction's commit: the events first_seq..last_seq of the handler's
- * window (or of its dead letters, when retries), called while its state row
- * had this generation.
+ * transaction's commit: the events first_seq..last_seq of the window of the
+ * handler's lane (or of its dead letters, when retries), called while the
+ * lane's state row had this generation.
  */
 typedef struct CalledRange
 {
 	char		handler[NAMEDATALEN];
+	int32		lane;
 	int64		generation;
 	int64		first_seq;
 	int64		last_seq;

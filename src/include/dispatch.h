@@ -13,6 +13,8 @@
 typedef struct HandlerPeek
 {
 	char	   *handler;
+	int32		lane;			/* one of the lanes in effect (handler_state.lane) */
+	bool		lanes_changing; /* set_handler_lanes() set a barrier */
 	bool		has_work;		/* new events, an open window or retries */
 	bool		backing_off;	/* a failed event is retried at retry_at */
 	TimestampTz retry_at;

@@ -11,13 +11,17 @@
 #include "dispatch.h"
 
 /*
- * A handler's row of task_events.handler_state, as locked for a batch
- * (dispatch.c), and what the batch adds to it, failures included
- * (dead_letters.c).  Saved at the end of the batch, in its transaction.
+ * The row of task_events.handler_state of one lane of a handler, as locked
+ * for a batch (dispatch.c), and what the batch adds to it, failures
+ * included (dead_letters.c).  Saved at the end of the batch, in its
+ * transaction.
  */
 typedef struct HandlerState
 {
 	const char *handler;
+	int32		lane;			/* the lane whose position this is */
+	int32		lanes;			/* the lanes in effect (1: no filter) */
+	Datum		lanes_barrier;	/* pg_snapshot, 0: the lanes are not changing */
 	Oid			function;
 	Datum		event_types;	/* text[] of the types it is called with, 0: all */
 	EventWindow window;			/* window_start, window_end, window_seq */
