@@ -27,6 +27,7 @@ OBJS = \
 	src/handler_call.o \
 	src/call_journal.o \
 	src/dispatch.o \
+	src/handler_lanes.o \
 	src/dead_letters.o \
 	src/lost_batch.o \
 	src/handler_admin.o \

@@ -417,12 +417,12 @@ BEGIN
 	-- each other: the lock a worker holds while it creates the handler's
 	-- state row (src/dispatch.c, te_lock_state: a worker that got it before
 	-- this is waited for, one that asks after this sees the handler gone),
-	-- then the state row (a batch in progress is waited for), then the
-	-- handlers row its dead letters' key refers to.
+	-- then the state rows, in lane order (a batch in progress is waited
+	-- for), then the handlers row its dead letters' key refers to.
 	PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('task_events.handler_state'),
 											 pg_catalog.hashtext(unregister_handler.handler));
 	PERFORM FROM task_events.handler_state s
-	WHERE s.handler OPERATOR(pg_catalog.=) unregister_handler.handler FOR UPDATE;
+	WHERE s.handler OPERATOR(pg_catalog.=) unregister_handler.handler ORDER BY s.lane FOR UPDATE;
 	DELETE FROM task_events.handlers h WHERE h.handler OPERATOR(pg_catalog.=) unregister_handler.handler;
 END
 $$;

@@ -13,6 +13,7 @@ trap 'rm -rf -- "$OUT"' EXIT
 BENCH_SMOKE=1 BENCH_OUT=$OUT bash "$BENCH/bench.sh"
 BENCH_SUB_EVENTS=3000 BENCH_SUB_POST_EVENTS=300 BENCH_SUB_CHUNK=1000 BENCH_OUT=$OUT \
 	bash "$BENCH/subscriptions.sh"
+BENCH_LANES_EVENTS=200 BENCH_OUT=$OUT bash "$BENCH/handler_lanes.sh"
 
 passed=0 failed=0
 # check NAME FILE MIN_ROWS AWK_CONDITION [AWK_FILTER]: FILE has at least
@@ -43,6 +44,7 @@ check "drain per handler" drain_handlers.csv 3 "\$2 ~ /$num/ && \$2 > 0"
 check "worker memory" memory.csv 2 "\$3 ~ /$num/ && \$4 ~ /$num/"
 check "log size" log_size.csv 2 "\$6 ~ /$num/ && \$6 > 0"
 check "subscriptions" subscriptions.csv 3 "\$4 ~ /$num/ && \$4 > 0"
+check "handler lanes" handler_lanes.csv 2 "\$3 ~ /$num/ && \$4 ~ /$num/ && \$4 > 0"
 if grep -q '^## Targets' "$OUT/report.md" && grep -q 'relay >= 1.5x PgQ (.*| [0-9.]*× |' "$OUT/report.md"; then
 	passed=$((passed + 1))
 	echo "ok: report"

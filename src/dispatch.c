@@ -54,7 +54,6 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
-#include "utils/fmgrprotos.h"
 #include "utils/fmgroids.h"
 #include "utils/rel.h"
 #include "utils/lsyscache.h"
@@ -78,8 +77,6 @@ static SPIPlanPtr te_create_state_plan = NULL;
 static SPIPlanPtr te_batch_plan = NULL;
 static SPIPlanPtr te_lane_batch_plan = NULL;
 static SPIPlanPtr te_save_plan = NULL;
-static SPIPlanPtr te_lanes_ready_plan = NULL;
-static SPIPlanPtr te_change_lanes_plan = NULL;
 
 /* Value of column col of SPI result row 0, copied into the current context. */
 static Datum
@@ -90,14 +87,6 @@ te_result_datum(int col, bool *isnull)
 									  col, isnull);
 
 	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
-}
-
-/* Whether the pg_snapshots a and b are the same (their text forms). */
-static bool
-te_snapshot_equal(Datum a, Datum b)
-{
-	return strcmp(DatumGetCString(DirectFunctionCall1(pg_snapshot_out, a)),
-				  DatumGetCString(DirectFunctionCall1(pg_snapshot_out, b))) == 0;
 }
 
 /* A one-element task_events.events[] holding event. */
@@ -212,18 +201,6 @@ te_lock_state(HandlerState *st)
 	st->lanes_barrier = te_result_datum(16, &isnull);
 	SPI_freetuptable(SPI_tuptable);
 	return true;
-}
-
-/*
- * Whether the lane has handled every event before the barrier of a change
- * of the lanes, and nothing after: no window open, its position at the
- * barrier.
- */
-static bool
-te_at_barrier(const HandlerState *st)
-{
-	return st->lanes_barrier != (Datum) 0 && st->window.end == (Datum) 0 &&
-		te_snapshot_equal(st->window.start, st->lanes_barrier);
 }
 
 /*
@@ -502,73 +479,6 @@ te_save_state(HandlerState *st)
 	nulls[15] = st->replay_from_seq ? ' ' : 'n';
 	values[16] = Int32GetDatum(st->lane);
 	te_execute_kept(te_save_plan, values, nulls, SPI_OK_UPDATE);
-}
-
-/*
- * Move every lane of the handler to the number of lanes set_handler_lanes()
- * asked for, once every lane in effect is at the barrier with no retry or
- * replay pending: each has then handled exactly the events of its lane
- * visible in the barrier, so the new lanes all start there, and no event is
- * skipped or handled twice.  Only when every row of the handler can be
- * locked at once (SKIP LOCKED: a lane's batch or set_handler_lanes() holds
- * the others); else a later batch of a lane at the barrier tries again
- * (the peek finds work for each lane while the lanes change).  Returns
- * whether the lanes changed.  Assumes st's row is locked and saved, in the
- * batch's transaction.
- */
-static bool
-te_try_change_lanes(HandlerState *st)
-{
-	static const Oid ready_types[] = {TEXTOID};
-	static const Oid change_types[] = {TEXTOID, INT4OID, PG_SNAPSHOTOID};
-	Datum		values[3];
-	bool		isnull;
-	int64		locked;
-	int64		not_ready;
-	int64		rows;
-	int32		wanted;
-
-	te_prepare_kept(&te_lanes_ready_plan,
-					"SELECT pg_catalog.count(*),"
-					"       pg_catalog.count(*) FILTER (WHERE l.lane OPERATOR(pg_catalog.<) l.lanes AND NOT"
-					"         (l.window_end IS NULL AND l.failing_seq IS NULL AND l.replay_from_seq IS NULL"
-					"          AND l.window_start::pg_catalog.text OPERATOR(pg_catalog.=)"
-					"              l.lanes_barrier::pg_catalog.text)),"
-					"       (SELECT pg_catalog.count(*) FROM task_events.handler_state x"
-					"        WHERE x.handler OPERATOR(pg_catalog.=) $1),"
-					"       (SELECT h.lanes FROM task_events.handlers h WHERE h.handler OPERATOR(pg_catalog.=) $1)"
-					" FROM (SELECT s.lane, s.lanes, s.window_start, s.window_end, s.failing_seq,"
-					"              s.replay_from_seq, s.lanes_barrier"
-					"       FROM task_events.handler_state s WHERE s.handler OPERATOR(pg_catalog.=) $1"
-					"       FOR UPDATE SKIP LOCKED) l",
-					lengthof(ready_types), ready_types);
-	values[0] = CStringGetTextDatum(st->handler);
-	te_execute_kept(te_lanes_ready_plan, values, NULL, SPI_OK_SELECT);
-	locked = DatumGetInt64(te_result_datum(1, &isnull));
-	not_ready = DatumGetInt64(te_result_datum(2, &isnull));
-	rows = DatumGetInt64(te_result_datum(3, &isnull));
-	wanted = DatumGetInt32(te_result_datum(4, &isnull));
-	SPI_freetuptable(SPI_tuptable);
-	if (isnull || locked != rows || not_ready != 0 || rows < wanted)
-		return false;
-
-	te_prepare_kept(&te_change_lanes_plan,
-					"UPDATE task_events.handler_state SET"
-					" lanes = $2, lanes_barrier = NULL,"
-					" window_start = $3, window_end = NULL, window_seq = 0,"
-					" failing_seq = NULL, attempts = 0, retry_at = NULL, isolate_through = 0,"
-					" replay_from_seq = NULL,"
-					" generation = generation OPERATOR(pg_catalog.+) 1,"
-					" updated_at = pg_catalog.clock_timestamp()"
-					" WHERE handler OPERATOR(pg_catalog.=) $1",
-					lengthof(change_types), change_types);
-	values[1] = Int32GetDatum(wanted);
-	values[2] = st->lanes_barrier;
-	te_execute_kept(te_change_lanes_plan, values, NULL, SPI_OK_UPDATE);
-	ereport(LOG,
-			(errmsg("task_events: handler \"%s\" now runs in %d lanes", st->handler, wanted),
-			 errdetail("Its %d lanes all reached the barrier set_handler_lanes() set.", st->lanes)));
-	return true;
 }
 
 /*

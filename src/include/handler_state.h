@@ -54,4 +54,8 @@ extern bool te_call(HandlerState *st, Datum events, bool retries, MemoryContext 
 					ErrorData **error);
 extern void te_mark_done(HandlerState *st, int64 seq, int64 count, bool processed);
 
+/* handler_lanes.c: a change of the number of lanes */
+extern bool te_at_barrier(const HandlerState *st);
+extern bool te_try_change_lanes(HandlerState *st);
+
 #endif

@@ -314,6 +314,7 @@ GRANT USAGE ON SCHEMA task_events TO te_worker;
 GRANT SELECT ON task_events.handlers, task_events.events, task_events.log_origin TO te_worker;
 GRANT SELECT, INSERT, UPDATE ON task_events.handler_state TO te_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON task_events.dead_letters TO te_worker;
+GRANT EXECUTE ON FUNCTION task_events._lane_of(uuid, int) TO te_worker;
 });
 writes($node, 'postgres', 'late');
 wait_caught_up($node);
