@@ -3,9 +3,11 @@
 # - is run by more than one worker at the same time (one per lane), which a
 #   handler without lanes never is;
 # - handles every event exactly once, and each task's events in seq order,
-#   through a SIGKILL of a worker in one of its batches (crash restart) and
+#   through a SIGKILL of a worker in one of its calls (crash restart) and
 #   a change from 4 lanes to 2 while events flow (no event skipped or
 #   repeated at the barrier);
+# - counts the batch lost with the killed worker on the row of its lane
+#   only (the other workers, ended by the crash restart, count nothing);
 # - leaves the other handlers exact, and dead-letters nothing.
 use strict;
 use warnings FATAL => 'all';
@@ -32,7 +34,8 @@ wait_for_workers($node, 4);
 
 # The handler records each event it handles with its worker's pid and how
 # many workers were running one of its lanes at that moment (itself
-# included), and takes 1 ms per event.
+# included), and takes 1 ms per event.  At the events of a task titled
+# 'block lanes' it waits while public.blocking has a row, and logs its pid.
 $node->safe_psql(
 	'postgres', q{
 CREATE TABLE public.lanes_seen (
@@ -42,6 +45,7 @@ CREATE TABLE public.lanes_seen (
 	pid int NOT NULL,
 	running int NOT NULL
 );
+CREATE TABLE public.blocking (b int);
 CREATE FUNCTION public.laned(events task_events.events[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -52,6 +56,13 @@ DECLARE
 					  AND a.query OPERATOR(pg_catalog.~~) 'handling events: laned%');
 BEGIN
 	FOREACH e IN ARRAY events LOOP
+		IF e.payload OPERATOR(pg_catalog.->>) 'task_title' OPERATOR(pg_catalog.=) 'block lanes'
+		   AND EXISTS (SELECT FROM public.blocking) THEN
+			RAISE LOG 'te_test: deliberate SIGKILL to PID %', pg_catalog.pg_backend_pid();
+			WHILE EXISTS (SELECT FROM public.blocking) LOOP
+				PERFORM pg_catalog.pg_sleep(0.05);
+			END LOOP;
+		END IF;
 		PERFORM pg_catalog.pg_sleep(0.001);
 		INSERT INTO public.lanes_seen (seq, task, pid, running)
 		VALUES (e.seq, e.aggregate_id, pg_catalog.pg_backend_pid(), running);
@@ -76,21 +87,16 @@ sub progress_past
 my $load = start_pgbench_loop($node, clients => 3, seconds => 2);
 progress_past(300, 'under the load');
 
-# SIGKILL a worker while it runs a lane of the handler: the postmaster
-# crash-restarts the server.
-my $victim;
-ok( wait_until(
-		sub {
-			$victim = $node->safe_psql(
-				'postgres', q{
-				SELECT pid FROM pg_stat_activity
-				WHERE backend_type = 'task_events worker' AND state = 'active'
-				  AND query LIKE 'handling events: laned%' LIMIT 1});
-			return $victim ne '';
-		}),
-	'a worker runs a lane of the handler');
+# SIGKILL a worker while it is in a call of the handler, in the lane of the
+# task 'block lanes': the postmaster crash-restarts the server.
 my $offset = log_position($node);
-is(kill('KILL', $victim), 1, "SIGKILL sent to worker $victim");
+$node->safe_psql('postgres', 'INSERT INTO public.blocking VALUES (1)');
+my $blocked_lane = $node->safe_psql('postgres',
+	q{SELECT task_events._lane_of(task_id, 4) FROM task_events.create_task('alice', 'block lanes')});
+$node->wait_for_log(qr/te_test: deliberate SIGKILL to PID \d+/, $offset);
+my ($victim) = log_since($node, $offset) =~ /te_test: deliberate SIGKILL to PID (\d+)/;
+$offset = log_position($node);
+is(kill('KILL', $victim), 1, "SIGKILL sent to worker $victim, in a call of lane $blocked_lane");
 ok( $node->poll_query_until(
 		'postgres', qq{
 		SELECT count(*) = 4 AND bool_and(pid <> $victim) FROM pg_stat_activity
@@ -98,6 +104,13 @@ ok( $node->poll_query_until(
 	'4 new workers run after the crash restart');
 like(log_since($node, $offset), qr/all server processes terminated; reinitializing/,
 	'the SIGKILL crash-restarted the server');
+$node->safe_psql('postgres', 'DELETE FROM public.blocking');
+ok( $node->poll_query_until(
+		'postgres', q{
+		SELECT string_agg(lane || ':' || failed || ':' || COALESCE(last_sqlstate, '-'), ',' ORDER BY lane)
+		FROM task_events.handler_state WHERE handler = 'laned'},
+		join(',', map { $_ == $blocked_lane ? "$_:1:58000" : "$_:0:-" } 0 .. 3)),
+	"the lost batch was counted once, on the row of lane $blocked_lane only");
 my $before = seen();
 progress_past($before + 300, 'after the crash restart');
 
