@@ -35,7 +35,7 @@
  * The dead letters' retries run in lane 0.  A change of the number of lanes
  * waits at a barrier (a snapshot set_handler_lanes took): each lane stops
  * its windows there, and once every lane has, the batch that finds them all
- * there moves them all to the new lanes at once (te_try_change_lanes).
+ * there moves them all to the new lanes at once (handler_lanes.c).
  */
 #include "postgres.h"
 
@@ -525,9 +525,8 @@ te_require_schema_version(void)
 /*
  * Which lanes of the enabled handlers (or only the one named, when only is
  * not NULL) have work, in name and lane order, as a list of HandlerPeek
- * allocated in cxt.  One
- * read-only query for all of them, so that an idle round takes no lock,
- * writes nothing and costs one statement.  Assumes SPI is connected and an
+ * allocated in cxt.  One read-only query for all of them, so that an idle
+ * round takes no lock, writes nothing and costs one statement.  Assumes SPI is connected and an
  * active snapshot; the peeks stay valid in later transactions (a window
  * may end at an older snapshot than the runner's).
  */
@@ -619,12 +618,13 @@ te_peek_handlers(const char *only, MemoryContext cxt)
 
 /*
  * Run one batch of the handler's lane that peek found with work: lock its
- * state row; then either retry the dead letters queued for it, or handle up to
- * max_events events of its window in seq order (one, while the events of a
- * lost batch are isolated); and save its position.  All in the caller's
+ * state row; then either retry the dead letters queued for it, or handle
+ * up to max_events events of its window in seq order (one, while the
+ * events of a lost batch are isolated); and save its position; at the
+ * barrier of a change of the lanes, try the change.  All in the caller's
  * transaction; assumes SPI is connected and an active snapshot.  Returns
- * false when the handler could not be run (someone else runs it, or it was
- * disabled or deleted since the peek); *outcome says what happened.
+ * false when the lane could not be run (someone else runs it, or it was
+ * disabled, deleted or retired since the peek); *outcome says what happened.
  */
 bool
 te_run_handler_batch(const HandlerPeek *peek, int max_events, BatchOutcome *outcome)
