@@ -990,20 +990,22 @@ CREATE FUNCTION task_events._read_batch(subscription text, only_lane int, max_ev
 				   occurred_at timestamptz, user_id text, payload jsonb)
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
-	-- Generic plans, as the workers' (src/dispatch.c): a custom plan knows
-	-- that the window's seq range covers most of the log and, misled by the
-	-- snapshot and lane filters' estimates, reads all of it and sorts for
-	-- each batch instead of walking events_pkey up to max_events.
+	-- The walk along events_pkey from the lane's position must not depend on
+	-- statistics: a custom plan (it knows the window covers most of the log),
+	-- or a generic one on a never-analyzed log, read the whole window and
+	-- sorted it for each batch.  Generic plans, and no other way to scan
+	-- (which makes the other ways' cost huge: no JIT, then).
 	SET plan_cache_mode = force_generic_plan
+	SET enable_seqscan = off
+	SET enable_bitmapscan = off
+	SET enable_sort = off
+	SET jit = off
 	AS $$
 DECLARE
 	sub task_events.subscriptions;
 	l task_events.subscription_lanes;
-	batch task_events.events[];
-	retries boolean := false;
 	bounds record;
 	attempt int;
-	new_batch bigint;
 	tried int[] := '{}';
 BEGIN
 	IF max_events IS NULL OR lease IS NULL THEN
@@ -1040,17 +1042,37 @@ BEGIN
 		EXIT WHEN NOT FOUND;
 		tried := tried OPERATOR(pg_catalog.||) l.lane;
 
-		-- Dead letters queued for another attempt.
-		SELECT pg_catalog.array_agg(w.e ORDER BY (w.e).seq) INTO batch
-		FROM (SELECT e FROM task_events.subscription_dead_letters d
-			  JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq
-			  WHERE d.subscription OPERATOR(pg_catalog.=) sub.subscription
-				AND d.lane OPERATOR(pg_catalog.=) l.lane AND d.retry_requested
-			  ORDER BY d.seq LIMIT max_events) w;
-		retries := batch IS NOT NULL;
+		-- Each batch is one statement: its events (CTE b, straight from the
+		-- index walk: no array, no row built twice), the lease written with
+		-- their bounds (CTE u, only when there are any), and the rows returned.
+		-- First the dead letters queued for another attempt.
+		RETURN QUERY
+		WITH b AS (
+			SELECT e.* FROM task_events.subscription_dead_letters d
+			JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq
+			WHERE d.subscription OPERATOR(pg_catalog.=) sub.subscription
+			  AND d.lane OPERATOR(pg_catalog.=) l.lane AND d.retry_requested
+			ORDER BY d.seq LIMIT max_events),
+		u AS (
+			UPDATE task_events.subscription_lanes x
+			SET batch_id = pg_catalog.nextval('task_events.subscription_batch_seq'),
+				batch_retries = true,
+				batch_first_seq = (SELECT pg_catalog.min(b.seq) FROM b),
+				batch_last_seq = (SELECT pg_catalog.max(b.seq) FROM b),
+				batch_size = (SELECT pg_catalog.count(*) FROM b),
+				leased_until = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) lease,
+				served_at = pg_catalog.clock_timestamp()
+			WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription
+			  AND x.lane OPERATOR(pg_catalog.=) l.lane AND EXISTS (SELECT FROM b)
+			RETURNING x.batch_id)
+		SELECT u.batch_id, l.lane, b.seq, b.event_id, b.event_type, b.event_version, b.aggregate_id,
+			   b.aggregate_version, b.occurred_at, b.user_id, b.payload
+		FROM b CROSS JOIN u ORDER BY b.seq;
+		IF FOUND THEN
+			RETURN;
+		END IF;
 
 		FOR attempt IN 1..2 LOOP
-			EXIT WHEN batch IS NOT NULL;
 			IF l.window_end IS NULL THEN
 				l.window_end := task_events._window_snapshot();
 				SELECT pg_catalog.min(w.seq) AS first, pg_catalog.max(w.seq) AS last INTO bounds
@@ -1059,51 +1081,47 @@ BEGIN
 				l.window_seq := COALESCE(bounds.first OPERATOR(pg_catalog.-) 1, 0);
 				l.window_last_seq := COALESCE(bounds.last, 0);
 			END IF;
-			-- Whole rows of task_events.events (SELECT e, not e.*): an array of
-			-- anonymous records would be cast to events[] through text.
-			SELECT pg_catalog.array_agg(w.e ORDER BY (w.e).seq) INTO batch
-			FROM (SELECT e FROM task_events.events e
-				  WHERE e.seq OPERATOR(pg_catalog.>) l.window_seq
-					AND e.seq OPERATOR(pg_catalog.<=) l.window_last_seq
-					AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_start)
-					AND pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_end)
-					AND (sub.event_types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (sub.event_types))
-					AND task_events._lane_of(e.aggregate_id, sub.lanes) OPERATOR(pg_catalog.=) l.lane
-				  ORDER BY e.seq LIMIT max_events) w;
-			IF batch IS NULL THEN
-				-- The window holds nothing more for this lane: close it.
-				l.window_start := l.window_end;
-				l.window_end := NULL;
-				l.window_seq := 0;
-				l.window_last_seq := 0;
+			RETURN QUERY
+			WITH b AS (
+				SELECT e.* FROM task_events.events e
+				WHERE e.seq OPERATOR(pg_catalog.>) l.window_seq
+				  AND e.seq OPERATOR(pg_catalog.<=) l.window_last_seq
+				  AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_start)
+				  AND pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_end)
+				  AND (sub.event_types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (sub.event_types))
+				  AND task_events._lane_of(e.aggregate_id, sub.lanes) OPERATOR(pg_catalog.=) l.lane
+				ORDER BY e.seq LIMIT max_events),
+			u AS (
+				UPDATE task_events.subscription_lanes x
+				SET window_start = l.window_start, window_end = l.window_end,
+					window_seq = l.window_seq, window_last_seq = l.window_last_seq,
+					batch_id = pg_catalog.nextval('task_events.subscription_batch_seq'),
+					batch_retries = false,
+					batch_first_seq = (SELECT pg_catalog.min(b.seq) FROM b),
+					batch_last_seq = (SELECT pg_catalog.max(b.seq) FROM b),
+					batch_size = (SELECT pg_catalog.count(*) FROM b),
+					leased_until = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) lease,
+					served_at = pg_catalog.clock_timestamp()
+				WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription
+				  AND x.lane OPERATOR(pg_catalog.=) l.lane AND EXISTS (SELECT FROM b)
+				RETURNING x.batch_id)
+			SELECT u.batch_id, l.lane, b.seq, b.event_id, b.event_type, b.event_version, b.aggregate_id,
+				   b.aggregate_version, b.occurred_at, b.user_id, b.payload
+			FROM b CROSS JOIN u ORDER BY b.seq;
+			IF FOUND THEN
+				RETURN;
 			END IF;
+			-- The window holds nothing more for this lane: close it.
+			l.window_start := l.window_end;
+			l.window_end := NULL;
+			l.window_seq := 0;
+			l.window_last_seq := 0;
 		END LOOP;
 
-		IF batch IS NULL THEN
-			UPDATE task_events.subscription_lanes x
-			SET window_start = l.window_start, window_end = l.window_end,
-				window_seq = l.window_seq, window_last_seq = l.window_last_seq
-			WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
-			CONTINUE;
-		END IF;
-
-		new_batch := pg_catalog.nextval('task_events.subscription_batch_seq');
 		UPDATE task_events.subscription_lanes x
 		SET window_start = l.window_start, window_end = l.window_end,
-			window_seq = l.window_seq, window_last_seq = l.window_last_seq,
-			batch_id = new_batch, batch_retries = retries,
-			batch_first_seq = batch[1].seq,
-			batch_last_seq = batch[pg_catalog.cardinality(batch)].seq,
-			batch_size = pg_catalog.cardinality(batch),
-			leased_until = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) lease,
-			served_at = pg_catalog.clock_timestamp()
+			window_seq = l.window_seq, window_last_seq = l.window_last_seq
 		WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane;
-
-		RETURN QUERY
-		SELECT new_batch, l.lane, e.seq, e.event_id, e.event_type, e.event_version, e.aggregate_id,
-			   e.aggregate_version, e.occurred_at, e.user_id, e.payload
-		FROM pg_catalog.unnest(batch) e;
-		RETURN;
 	END LOOP;
 END
 $$;
@@ -1232,12 +1250,31 @@ CREATE FUNCTION task_events.ack_batch(subscription text, batch_id bigint)
 	SET search_path = pg_catalog, pg_temp
 	AS $$
 DECLARE
-	l task_events.subscription_lanes := task_events._leased_lane(ack_batch.subscription, ack_batch.batch_id);
+	l task_events.subscription_lanes;
+	acked bigint;
 BEGIN
+	-- The usual batch (not retried dead letters), in one statement.
+	WITH leased AS (
+		SELECT x.lane, x.batch_size FROM task_events.subscription_lanes x
+		WHERE x.subscription OPERATOR(pg_catalog.=) ack_batch.subscription
+		  AND x.batch_id OPERATOR(pg_catalog.=) ack_batch.batch_id AND NOT x.batch_retries
+		FOR UPDATE)
+	UPDATE task_events.subscription_lanes x
+	SET window_seq = x.batch_last_seq, last_seq = GREATEST(x.last_seq, x.batch_last_seq),
+		acknowledged = x.acknowledged OPERATOR(pg_catalog.+) x.batch_size,
+		batch_id = NULL, batch_first_seq = NULL, batch_last_seq = NULL, batch_size = NULL,
+		leased_until = NULL, attempts = 0, retry_at = NULL
+	FROM leased
+	WHERE x.subscription OPERATOR(pg_catalog.=) ack_batch.subscription
+	  AND x.lane OPERATOR(pg_catalog.=) leased.lane
+	RETURNING leased.batch_size INTO acked;
+	IF FOUND THEN
+		RETURN acked;
+	END IF;
+
+	-- Retried dead letters, or the errors.
+	l := task_events._leased_lane(ack_batch.subscription, ack_batch.batch_id);
 	PERFORM task_events._acknowledge(l, l.batch_last_seq, l.batch_size);
-	UPDATE task_events.subscription_lanes x SET attempts = 0, retry_at = NULL
-	WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription AND x.lane OPERATOR(pg_catalog.=) l.lane
-	  AND NOT l.batch_retries;
 	RETURN l.batch_size;
 END
 $$;

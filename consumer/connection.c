@@ -182,7 +182,14 @@ te_connect(const ConsumeOptions *opts, bool once)
 			PGresult   *res;
 
 			PQsetNoticeReceiver(conn, te_notice, NULL);
-			res = PQexec(conn, "LISTEN " TE_WAKEUP_CHANNEL);
+
+			/*
+			 * Delivery is at least once whatever the commits do: a lease or
+			 * an acknowledgement lost in a server crash only means the batch
+			 * is read and delivered again.  So they need not wait for the
+			 * WAL flush (two per batch otherwise).
+			 */
+			res = PQexec(conn, "LISTEN " TE_WAKEUP_CHANNEL "; SET synchronous_commit = off");
 
 			if (PQresultStatus(res) == PGRES_COMMAND_OK)
 			{
