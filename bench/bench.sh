@@ -20,6 +20,10 @@
 #               draining a backlog of the same size
 #   log         create_task with BENCH_LOG_EVENTS events in the log against an
 #               empty log
+#   subscriptions  a backlog drained by consumers outside the database
+#               (bench/subscriptions.sh, a server of its own)
+#   lanes       a slow handler draining a backlog in 4 lanes against 1
+#               (bench/handler_lanes.sh, a server of its own)
 #
 # Environment (defaults for a full run; BENCH_SMOKE=1 makes them tiny):
 #   BENCH_SECONDS=20        length of each throughput and latency run
@@ -71,7 +75,7 @@ fi
 WORKERS=${BENCH_WORKERS:-2}
 # Longest wait for the handlers to catch up before the bench gives up.
 CATCHUP_TIMEOUT=${BENCH_CATCHUP_TIMEOUT:-$([[ $SMOKE == 1 ]] && echo 60 || echo 3600)}
-PARTS=${BENCH_PARTS:-throughput latency lag drain log}
+PARTS=${BENCH_PARTS:-throughput latency lag drain log subscriptions lanes}
 OUT=$(realpath -m -- "${BENCH_OUT:-$BENCH/results}")
 # The client count of the headline comparisons and targets.
 MAIN_CLIENTS=16
@@ -536,6 +540,8 @@ init_csv() {
 	echo "when,pid,vmrss_kb,rssanon_kb,rssshmem_kb,context_bytes" >"$OUT/memory.csv"
 	echo "events,handlers,mode,generate_s,drain_s,events_per_s,handler_events_per_s" >"$OUT/drain.csv"
 	echo "handler,processed,batches,mean_batch_ms,max_batch_ms" >"$OUT/drain_handlers.csv"
+	echo "consumer,events,seconds,events_per_s,client_cpu_s,client_cpu_us_per_event" >"$OUT/subscriptions.csv"
+	echo "lanes,events,seconds,events_per_s" >"$OUT/handler_lanes.csv"
 }
 
 # ---------------------------------------------------------------- part 1
@@ -813,7 +819,7 @@ init_csv
 for part in $PARTS; do
 	case $part in
 	throughput | latency | lag) ;;
-	drain | log) continue ;;
+	drain | log | subscriptions | lanes) continue ;;
 	*) die "unknown part $part (BENCH_PARTS)" ;;
 	esac
 	log "==== $part"
@@ -823,6 +829,21 @@ if [[ " $PARTS " == *" drain "* || " $PARTS " == *" log "* ]]; then
 	log "==== drain / log size"
 	part_drain_and_log
 fi
+# Their own servers (this one stays up, idle), with the sizes of a smoke run
+# when BENCH_SMOKE is set.
+if [[ " $PARTS " == *" subscriptions "* ]]; then
+	log "==== subscriptions"
+	if [[ $SMOKE == 1 ]]; then
+		export BENCH_SUB_EVENTS=${BENCH_SUB_EVENTS:-3000} BENCH_SUB_POST_EVENTS=${BENCH_SUB_POST_EVENTS:-300} \
+			BENCH_SUB_CHUNK=${BENCH_SUB_CHUNK:-1000}
+	fi
+	PG_BIN=$PG_BIN BENCH_OUT=$OUT bash "$BENCH/subscriptions.sh"
+fi
+if [[ " $PARTS " == *" lanes "* ]]; then
+	log "==== lanes"
+	[[ $SMOKE == 1 ]] && export BENCH_LANES_EVENTS=${BENCH_LANES_EVENTS:-200}
+	PG_BIN=$PG_BIN BENCH_OUT=$OUT bash "$BENCH/handler_lanes.sh"
+fi
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.txt"
 echo "bench duration: $(elapsed "$START") s" >>"$OUT/machine.txt"
 log "measurements done in $(elapsed "$START")s"
@@ -830,7 +851,7 @@ log "measurements done in $(elapsed "$START")s"
 # ---------------------------------------------------------------- report
 # report.sql reads the CSV files from the current directory.
 (cd "$OUT" && "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -d postgres -v main_clients="$MAIN_CLIENTS" \
-	-v drain_target=50000 -f "$BENCH/report.sql") | tee "$OUT/report.md"
+	-v drain_target=80000 -f "$BENCH/report.sql") | tee "$OUT/report.md"
 
 if (($(wc -l <"$OUT/throughput.csv") <= 1)); then
 	log "no throughput measured: no plot"

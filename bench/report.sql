@@ -25,6 +25,9 @@ CREATE TEMP TABLE drain (events bigint, handlers int, mode text, generate_s floa
 	events_per_s float8, handler_events_per_s float8);
 CREATE TEMP TABLE drain_handlers (handler text, processed bigint, batches bigint,
 	mean_batch_ms float8, max_batch_ms float8);
+CREATE TEMP TABLE subscriptions (consumer text, events bigint, seconds float8, events_per_s float8,
+	client_cpu_s float8, client_cpu_us_per_event float8);
+CREATE TEMP TABLE handler_lanes (lanes int, events bigint, seconds float8, events_per_s float8);
 
 \copy throughput FROM 'throughput.csv' CSV HEADER
 \copy latency FROM 'latency.csv' CSV HEADER
@@ -33,6 +36,8 @@ CREATE TEMP TABLE drain_handlers (handler text, processed bigint, batches bigint
 \copy memory FROM 'memory.csv' CSV HEADER
 \copy drain FROM 'drain.csv' CSV HEADER
 \copy drain_handlers FROM 'drain_handlers.csv' CSV HEADER
+\copy subscriptions FROM 'subscriptions.csv' CSV HEADER
+\copy handler_lanes FROM 'handler_lanes.csv' CSV HEADER
 
 CREATE TEMP TABLE variants (variant text, ord int, label text);
 INSERT INTO variants VALUES
@@ -177,7 +182,31 @@ SELECT format('| %s | %s | %s | %s | %s | %s |', label, pg_temp.num(log_events),
 FROM log_size ORDER BY log_events;
 \qecho
 
-/* The targets of issue 4. */
+\qecho '## Subscriptions'
+\qecho
+\qecho 'One consumer drains the backlog in 1,000-event batches (bench/subscriptions.sh:'
+\qecho 'sql = a psycopg client, jsonl = task_events_consume --jsonl > /dev/null,'
+\qecho 'post = task_events_consume --post to a local HTTP server, one request per event).'
+\qecho
+\qecho '| consumer | events | seconds | events/s | client CPU (us/event) |'
+\qecho '|---|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s | %s |', consumer, pg_temp.num(events), pg_temp.num(seconds, 2),
+			  pg_temp.num(events_per_s), pg_temp.num(client_cpu_us_per_event, 1))
+FROM subscriptions ORDER BY array_position(ARRAY['sql', 'jsonl', 'post'], consumer);
+\qecho
+
+\qecho '## Handler lanes'
+\qecho
+\qecho 'A handler sleeping per event drains a backlog in 1 lane, then in 4 (bench/handler_lanes.sh).'
+\qecho
+\qecho '| lanes | events | seconds | events/s |'
+\qecho '|---|---|---|---|'
+SELECT format('| %s | %s | %s | %s |', lanes, pg_temp.num(events), pg_temp.num(seconds, 2),
+			  pg_temp.num(events_per_s))
+FROM handler_lanes ORDER BY lanes;
+\qecho
+
+/* The targets of issues 4 and 14 (where 14 raised a bar, its bar). */
 CREATE TEMP TABLE targets (ord serial, target text, measured text, met boolean);
 INSERT INTO targets (target, measured, met)
 SELECT format('%s: relay >= 2x PL/pgSQL (%s clients)', w, :main_clients),
@@ -185,9 +214,9 @@ SELECT format('%s: relay >= 2x PL/pgSQL (%s clients)', w, :main_clients),
 	   pg_temp.tps(w, 'ext_relay', :main_clients) >= 2 * pg_temp.tps(w, 'plpgsql_notify', :main_clients)
 FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
 INSERT INTO targets (target, measured, met)
-SELECT format('%s: relay >= 0.9x pipeline ceiling (%s clients)', w, :main_clients),
+SELECT format('%s: relay >= 1.0x pipeline ceiling (%s clients)', w, :main_clients),
 	   pg_temp.ratio(pg_temp.tps(w, 'ext_relay', :main_clients), pg_temp.tps(w, 'ceiling_pipeline', :main_clients)),
-	   pg_temp.tps(w, 'ext_relay', :main_clients) >= 0.9 * pg_temp.tps(w, 'ceiling_pipeline', :main_clients)
+	   pg_temp.tps(w, 'ext_relay', :main_clients) >= pg_temp.tps(w, 'ceiling_pipeline', :main_clients)
 FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
 INSERT INTO targets (target, measured, met)
 SELECT format('%s: relay workers keep up (%s clients; caught up within max(1 s, 10%% of the run))', w, :main_clients),
@@ -212,20 +241,23 @@ SELECT format('%s: PgQ consumers keep up (%s clients; caught up within max(1 s, 
 		WHERE workload = w AND variant = 'pgq' AND clients = :main_clients)
 FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
 INSERT INTO targets (target, measured, met)
-SELECT format('%s: commit >= 1.2x PL/pgSQL (%s clients)', w, :main_clients),
+SELECT format('%s: commit >= 1.5x PL/pgSQL (%s clients)', w, :main_clients),
 	   pg_temp.ratio(pg_temp.tps(w, 'ext_commit', :main_clients), pg_temp.tps(w, 'plpgsql_notify', :main_clients)),
-	   pg_temp.tps(w, 'ext_commit', :main_clients) >= 1.2 * pg_temp.tps(w, 'plpgsql_notify', :main_clients)
+	   pg_temp.tps(w, 'ext_commit', :main_clients) >= 1.5 * pg_temp.tps(w, 'plpgsql_notify', :main_clients)
 FROM unnest(ARRAY['create_task', 'lifecycle']) AS w;
 INSERT INTO targets (target, measured, met)
 SELECT format('drain >= %s events/s', pg_temp.num(:drain_target)),
 	   (SELECT pg_temp.num(events_per_s) || ' events/s' FROM drain WHERE mode <> 'pgq'),
 	   (SELECT events_per_s >= :drain_target FROM drain WHERE mode <> 'pgq');
 INSERT INTO targets (target, measured, met)
-SELECT format('latency at %s events/s (%s): p50 <= 2 ms, p99 <= 10 ms', rate_target, mode),
+SELECT format('latency at %s events/s (%s): p50 <= %s ms, p99 <= %s ms', rate_target, mode, b.p50, b.p99),
 	   format('p50 %s ms, p99 %s ms (achieved %s events/s)', pg_temp.num(p50_ms, 2), pg_temp.num(p99_ms, 2),
 			  pg_temp.num(rate_achieved)),
-	   p50_ms <= 2 AND p99_ms <= 10 AND rate_achieved >= 0.9 * rate_target
-FROM latency WHERE mode <> 'pgq' ORDER BY array_position(ARRAY['relay', 'commit', 'off'], mode);
+	   p50_ms <= b.p50 AND p99_ms <= b.p99 AND rate_achieved >= 0.9 * rate_target
+FROM latency
+CROSS JOIN LATERAL (SELECT CASE WHEN mode = 'relay' THEN 1 ELSE 2 END AS p50,
+						   CASE WHEN mode = 'relay' THEN 5 ELSE 10 END AS p99) b
+WHERE mode <> 'pgq' ORDER BY array_position(ARRAY['relay', 'commit', 'off'], mode);
 INSERT INTO targets (target, measured, met)
 SELECT format('lag bounded at max write rate (%s)', mode),
 	   format('%s events/s written, max %s behind, growth %s events/s', pg_temp.num(write_events_per_s),
@@ -245,6 +277,16 @@ INSERT INTO targets (target, measured, met)
 SELECT format('create_task with %s events within 10%% of an empty log', pg_temp.num(f.log_events)),
 	   pg_temp.ratio(f.tps, e.tps), f.tps >= 0.9 * e.tps
 FROM log_size f, log_size e WHERE f.label = 'full' AND e.label = 'empty';
+INSERT INTO targets (target, measured, met)
+SELECT format('subscriptions: %s >= %s events/s', consumer, pg_temp.num(bar)),
+	   pg_temp.num(events_per_s) || ' events/s', events_per_s >= bar
+FROM subscriptions
+JOIN (VALUES ('sql', 200000), ('jsonl', 150000)) AS b (consumer, bar) USING (consumer)
+ORDER BY bar DESC;
+INSERT INTO targets (target, measured, met)
+SELECT 'handler lanes: 4 lanes >= 3x 1 lane', pg_temp.ratio(four.events_per_s, one.events_per_s),
+	   four.events_per_s >= 3 * one.events_per_s
+FROM handler_lanes one, handler_lanes four WHERE one.lanes = 1 AND four.lanes = 4;
 
 \qecho '## Targets'
 \qecho

@@ -11,9 +11,6 @@ OUT=$(mktemp -d /tmp/task_events_bench_smoke.XXXXXX)
 trap 'rm -rf -- "$OUT"' EXIT
 
 BENCH_SMOKE=1 BENCH_OUT=$OUT bash "$BENCH/bench.sh"
-BENCH_SUB_EVENTS=3000 BENCH_SUB_POST_EVENTS=300 BENCH_SUB_CHUNK=1000 BENCH_OUT=$OUT \
-	bash "$BENCH/subscriptions.sh"
-BENCH_LANES_EVENTS=200 BENCH_OUT=$OUT bash "$BENCH/handler_lanes.sh"
 
 passed=0 failed=0
 # check NAME FILE MIN_ROWS AWK_CONDITION [AWK_FILTER]: FILE has at least

@@ -11,7 +11,8 @@
 # BENCH_SUB_EVENTS events written (create_task, BENCH_SUB_CHUNK per
 # transaction); each subscription's backlog is then drained by one client:
 #   sql    a libpq client (python3-psycopg) that reads 1,000-event batches
-#          (every column of read_batch to the client) and acknowledges each;
+#          (every column of read_batch to the client) and acknowledges each,
+#          with synchronous_commit = off as the README suggests;
 #   jsonl  task_events_consume --jsonl --batch 1000 --once > /dev/null;
 #   post   task_events_consume --post to a local HTTP server that answers
 #          200 at once, BENCH_SUB_POST_EVENTS events only (one request per
@@ -109,6 +110,8 @@ import sys
 import psycopg
 
 with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    # At-least-once delivery, as task_events_consume (README, "Acknowledging").
+    conn.execute("SET synchronous_commit = off")
     while True:
         rows = conn.execute("SELECT * FROM task_events.read_batch('bench_sql', 1000)").fetchall()
         if not rows:
