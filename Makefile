@@ -79,6 +79,12 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# PGXS tracks no header dependencies (autodepend is off in Debian's build):
+# a changed header rebuilds every object, so that none keeps an old layout
+# of a struct (a stale dead_letters.o read HandlerState's fields at their
+# old offsets once lanes were added).
+$(OBJS) $(OBJS:.o=.bc): $(wildcard $(srcdir)/src/include/*.h)
+
 # TaskEventsTest.pm, the TAP tests' helpers (set after the include, which
 # defines PG_PROVE_FLAGS; PROVE_FLAGS stays free for the command line).
 PG_PROVE_FLAGS += -I $(srcdir)/test/t

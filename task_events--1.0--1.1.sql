@@ -1044,8 +1044,10 @@ BEGIN
 
 		-- Each batch is one statement: its events (CTE b, straight from the
 		-- index walk: no array, no row built twice), the lease written with
-		-- their bounds (CTE u, only when there are any), and the rows returned.
-		-- First the dead letters queued for another attempt.
+		-- their bounds (CTE u, only when there are any), and the rows
+		-- returned, in the order b was written (a CTE is read back in that
+		-- order: no sort; the batch id comes from u in a subquery, not a
+		-- join).  First the dead letters queued for another attempt.
 		RETURN QUERY
 		WITH b AS (
 			SELECT e.* FROM task_events.subscription_dead_letters d
@@ -1065,9 +1067,9 @@ BEGIN
 			WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription
 			  AND x.lane OPERATOR(pg_catalog.=) l.lane AND EXISTS (SELECT FROM b)
 			RETURNING x.batch_id)
-		SELECT u.batch_id, l.lane, b.seq, b.event_id, b.event_type, b.event_version, b.aggregate_id,
+		SELECT (SELECT u.batch_id FROM u), l.lane, b.seq, b.event_id, b.event_type, b.event_version, b.aggregate_id,
 			   b.aggregate_version, b.occurred_at, b.user_id, b.payload
-		FROM b CROSS JOIN u ORDER BY b.seq;
+		FROM b;
 		IF FOUND THEN
 			RETURN;
 		END IF;
@@ -1105,9 +1107,9 @@ BEGIN
 				WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription
 				  AND x.lane OPERATOR(pg_catalog.=) l.lane AND EXISTS (SELECT FROM b)
 				RETURNING x.batch_id)
-			SELECT u.batch_id, l.lane, b.seq, b.event_id, b.event_type, b.event_version, b.aggregate_id,
+			SELECT (SELECT u.batch_id FROM u), l.lane, b.seq, b.event_id, b.event_type, b.event_version, b.aggregate_id,
 				   b.aggregate_version, b.occurred_at, b.user_id, b.payload
-			FROM b CROSS JOIN u ORDER BY b.seq;
+			FROM b;
 			IF FOUND THEN
 				RETURN;
 			END IF;

@@ -19,7 +19,10 @@
 
 #include "consume.h"
 
-/* The batch's columns, each event as its NOTIFY envelope; FROM follows. */
+/*
+ * The batch's columns, each event as its NOTIFY envelope; FROM follows.
+ * read_batch returns the events in seq order (README): no ORDER BY.
+ */
 #define TE_READ_COLUMNS \
 "SELECT r.batch_id, r.lane, r.seq, r.event_id, r.aggregate_id," \
 "       pg_catalog.format('{\"event_type\": %s, \"event_data\": %s, \"timestamp\": %s, \"seq\": %s}'," \
@@ -29,15 +32,13 @@
 static const char te_read_sql[] =
 TE_READ_COLUMNS
 "  FROM task_events.read_batch($1, $2::pg_catalog.int4,"
-"                              pg_catalog.make_interval(secs => $3::pg_catalog.float8)) r"
-" ORDER BY r.seq";
+"                              pg_catalog.make_interval(secs => $3::pg_catalog.float8)) r";
 
 /* --lane: the same, from that lane only. */
 static const char te_read_lane_sql[] =
 TE_READ_COLUMNS
 "  FROM task_events.read_lane($1, $4::pg_catalog.int4, $2::pg_catalog.int4,"
-"                             pg_catalog.make_interval(secs => $3::pg_catalog.float8)) r"
-" ORDER BY r.seq";
+"                             pg_catalog.make_interval(secs => $3::pg_catalog.float8)) r";
 
 /* Classify a failed result; copies its primary message into error. */
 static ApiResult
