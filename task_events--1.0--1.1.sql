@@ -1006,6 +1006,7 @@ DECLARE
 	l task_events.subscription_lanes;
 	bounds record;
 	attempt int;
+	retries boolean;
 	tried int[] := '{}';
 BEGIN
 	IF max_events IS NULL OR lease IS NULL THEN
@@ -1042,40 +1043,17 @@ BEGIN
 		EXIT WHEN NOT FOUND;
 		tried := tried OPERATOR(pg_catalog.||) l.lane;
 
-		-- Each batch is one statement: its events (CTE b, straight from the
-		-- index walk: no array, no row built twice), the lease written with
-		-- their bounds (CTE u, only when there are any), and the rows
-		-- returned, in the order b was written (a CTE is read back in that
-		-- order: no sort; the batch id comes from u in a subquery, not a
-		-- join).  First the dead letters queued for another attempt.
-		RETURN QUERY
-		WITH b AS (
-			SELECT e.* FROM task_events.subscription_dead_letters d
-			JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq
-			WHERE d.subscription OPERATOR(pg_catalog.=) sub.subscription
-			  AND d.lane OPERATOR(pg_catalog.=) l.lane AND d.retry_requested
-			ORDER BY d.seq LIMIT max_events),
-		u AS (
-			UPDATE task_events.subscription_lanes x
-			SET batch_id = pg_catalog.nextval('task_events.subscription_batch_seq'),
-				batch_retries = true,
-				batch_first_seq = (SELECT pg_catalog.min(b.seq) FROM b),
-				batch_last_seq = (SELECT pg_catalog.max(b.seq) FROM b),
-				batch_size = (SELECT pg_catalog.count(*) FROM b),
-				leased_until = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) lease,
-				served_at = pg_catalog.clock_timestamp()
-			WHERE x.subscription OPERATOR(pg_catalog.=) l.subscription
-			  AND x.lane OPERATOR(pg_catalog.=) l.lane AND EXISTS (SELECT FROM b)
-			RETURNING x.batch_id)
-		SELECT (SELECT u.batch_id FROM u), l.lane, b.seq, b.event_id, b.event_type, b.event_version, b.aggregate_id,
-			   b.aggregate_version, b.occurred_at, b.user_id, b.payload
-		FROM b;
-		IF FOUND THEN
-			RETURN;
-		END IF;
-
-		FOR attempt IN 1..2 LOOP
-			IF l.window_end IS NULL THEN
+		-- Attempt 0 serves the dead letters queued for another attempt, as a
+		-- batch of their own; 1 and 2 the open window, then a new one.  Each
+		-- is one statement: its events (CTE b, straight from the index walk:
+		-- no array, no row built twice; the branch of the other kind is cut
+		-- off by its constant condition), the lease written with their
+		-- bounds (CTE u, only when there are any), and the rows returned in
+		-- the order b was written (a CTE is read back in that order: no
+		-- sort; the batch id comes from u in a subquery, not a join).
+		FOR attempt IN 0..2 LOOP
+			retries := attempt OPERATOR(pg_catalog.=) 0;
+			IF NOT retries AND l.window_end IS NULL THEN
 				l.window_end := task_events._window_snapshot();
 				SELECT pg_catalog.min(w.seq) AS first, pg_catalog.max(w.seq) AS last INTO bounds
 				FROM task_events._unhandled_events(l.window_start, NULL, 0) w
@@ -1085,20 +1063,28 @@ BEGIN
 			END IF;
 			RETURN QUERY
 			WITH b AS (
-				SELECT e.* FROM task_events.events e
-				WHERE e.seq OPERATOR(pg_catalog.>) l.window_seq
-				  AND e.seq OPERATOR(pg_catalog.<=) l.window_last_seq
-				  AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_start)
-				  AND pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_end)
-				  AND (sub.event_types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (sub.event_types))
-				  AND task_events._lane_of(e.aggregate_id, sub.lanes) OPERATOR(pg_catalog.=) l.lane
-				ORDER BY e.seq LIMIT max_events),
+				(SELECT e.* FROM task_events.subscription_dead_letters d
+				 JOIN task_events.events e ON e.seq OPERATOR(pg_catalog.=) d.seq
+				 WHERE retries
+				   AND d.subscription OPERATOR(pg_catalog.=) sub.subscription
+				   AND d.lane OPERATOR(pg_catalog.=) l.lane AND d.retry_requested
+				 ORDER BY d.seq LIMIT max_events)
+				UNION ALL
+				(SELECT e.* FROM task_events.events e
+				 WHERE NOT retries
+				   AND e.seq OPERATOR(pg_catalog.>) l.window_seq
+				   AND e.seq OPERATOR(pg_catalog.<=) l.window_last_seq
+				   AND NOT pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_start)
+				   AND pg_catalog.pg_visible_in_snapshot(e.xact_id, l.window_end)
+				   AND (sub.event_types IS NULL OR e.event_type OPERATOR(pg_catalog.=) ANY (sub.event_types))
+				   AND task_events._lane_of(e.aggregate_id, sub.lanes) OPERATOR(pg_catalog.=) l.lane
+				 ORDER BY e.seq LIMIT max_events)),
 			u AS (
 				UPDATE task_events.subscription_lanes x
 				SET window_start = l.window_start, window_end = l.window_end,
 					window_seq = l.window_seq, window_last_seq = l.window_last_seq,
 					batch_id = pg_catalog.nextval('task_events.subscription_batch_seq'),
-					batch_retries = false,
+					batch_retries = retries,
 					batch_first_seq = (SELECT pg_catalog.min(b.seq) FROM b),
 					batch_last_seq = (SELECT pg_catalog.max(b.seq) FROM b),
 					batch_size = (SELECT pg_catalog.count(*) FROM b),
@@ -1113,11 +1099,13 @@ BEGIN
 			IF FOUND THEN
 				RETURN;
 			END IF;
-			-- The window holds nothing more for this lane: close it.
-			l.window_start := l.window_end;
-			l.window_end := NULL;
-			l.window_seq := 0;
-			l.window_last_seq := 0;
+			IF NOT retries THEN
+				-- The window holds nothing more for this lane: close it.
+				l.window_start := l.window_end;
+				l.window_end := NULL;
+				l.window_seq := 0;
+				l.window_last_seq := 0;
+			END IF;
 		END LOOP;
 
 		UPDATE task_events.subscription_lanes x

@@ -5,10 +5,10 @@
  * Started by the launcher (launcher.c), task_events.worker_count of them
  * in each database where the extension exists.  Each worker connects to
  * its database as task_events.worker_role and loops: one batch per
- * enabled handler, each in its own transaction, for as long as there is
- * work (one batch per lane of a handler with lanes); then it sleeps on its latch until a committing writer sets it
- * (wakeup.c), the poll interval passes, or the earliest retry of a failing
- * handler is due.  Workers share the handlers: a handler whose state row
+ * enabled handler (per lane of a handler with lanes), each in its own
+ * transaction, for as long as there is work; then it sleeps on its latch
+ * until a committing writer sets it (wakeup.c), the poll interval passes,
+ * or the earliest retry of a failing handler is due.  Workers share the handlers: a handler whose state row
  * another worker holds is skipped.
  *
  * Crash safety comes from the transactions: a handler's writes and its new
